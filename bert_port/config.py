@@ -1,0 +1,143 @@
+"""BertConfig: pytorch_pretrained_bert's constructor, reading Google's, MegEngine's and HF's JSON files.
+
+Google's and MegEngine's `bert_config.json` hold 11 fields; HF's `config.json` adds `layer_norm_eps`,
+`pad_token_id`, `model_type` and more. Every key found in a file is kept on the object (like the
+reference), so nothing a user put there is lost on a save/load round trip.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Dict, Union
+
+# hidden_act names and the function each computes. Google's TF BERT and MegEngine's BERT both call
+# the tanh approximation "gelu"; pytorch_pretrained_bert and HF call the exact erf form "gelu" and
+# the tanh form "gelu_new" (HF also "gelu_pytorch_tanh"). Converters therefore write "gelu_new".
+ACTIVATIONS = {
+    "gelu": "gelu_erf",
+    "gelu_new": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "swish": "silu",
+    "silu": "silu",
+}
+
+
+class BertConfig:
+    """Hyper-parameters of a BERT model (pytorch_pretrained_bert signature)."""
+
+    def __init__(
+        self,
+        vocab_size_or_config_json_file: Union[int, str, os.PathLike] = 30522,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int = 3072,
+        hidden_act: str = "gelu",
+        hidden_dropout_prob: float = 0.1,
+        attention_probs_dropout_prob: float = 0.1,
+        max_position_embeddings: int = 512,
+        type_vocab_size: int = 2,
+        initializer_range: float = 0.02,
+        layer_norm_eps: float = 1e-12,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(vocab_size_or_config_json_file, (str, os.PathLike)):
+            loaded = BertConfig.from_json_file(vocab_size_or_config_json_file)
+            self.__dict__.update(loaded.__dict__)
+            return
+        if not isinstance(vocab_size_or_config_json_file, int):
+            raise ValueError(
+                "vocab_size_or_config_json_file must be an int (vocab size) or a path to a JSON config, "
+                f"got {type(vocab_size_or_config_json_file).__name__}"
+            )
+        self.vocab_size = vocab_size_or_config_json_file
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.hidden_dropout_prob = hidden_dropout_prob
+        self.attention_probs_dropout_prob = attention_probs_dropout_prob
+        self.max_position_embeddings = max_position_embeddings
+        self.type_vocab_size = type_vocab_size
+        self.initializer_range = initializer_range
+        self.layer_norm_eps = layer_norm_eps
+        self.__dict__.update(kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        """Fail early, naming the field, instead of deep inside torch."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"BertConfig.{name} must be a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"BertConfig.hidden_size ({self.hidden_size}) is not a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"BertConfig.hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}"
+            )
+
+    @classmethod
+    def from_dict(cls, json_object: Dict[str, Any]) -> "BertConfig":
+        """Build a config from a dict; unknown keys are kept as attributes."""
+        data = dict(json_object)
+        if "vocab_size" not in data:
+            raise ValueError("config has no 'vocab_size'")
+        config = cls(data.pop("vocab_size"), **data)
+        return config
+
+    @classmethod
+    def from_json_file(cls, json_file: Union[str, os.PathLike]) -> "BertConfig":
+        try:
+            with open(json_file, encoding="utf-8") as reader:
+                data = json.load(reader)
+        except OSError as e:
+            raise ValueError(f"{json_file}: cannot read config ({e.strerror or e})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{json_file}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{json_file}: a config must be a JSON object")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{json_file}: {e}") from None
+
+    @property
+    def layer_norm_epsilon(self) -> float:
+        return float(getattr(self, "layer_norm_eps", 1e-12))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return copy.deepcopy(self.__dict__)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: Union[str, os.PathLike]) -> None:
+        from bert_port.io import atomic_write_text
+
+        atomic_write_text(json_file_path, self.to_json_string())
+
+    def to_hf_dict(self, architectures: list | None = None) -> Dict[str, Any]:
+        """The dict written as `config.json`: ours plus the keys HF `transformers` needs to load it."""
+        data = self.to_dict()
+        data.setdefault("model_type", "bert")
+        data.setdefault("layer_norm_eps", 1e-12)
+        data.setdefault("pad_token_id", 0)
+        data.setdefault("position_embedding_type", "absolute")
+        if architectures:
+            data["architectures"] = list(architectures)
+        return data
+
+    def __repr__(self) -> str:
+        return f"BertConfig {self.to_json_string()}"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BertConfig) and self.__dict__ == other.__dict__

@@ -1,0 +1,245 @@
+"""Task heads on top of BertModel, with pytorch_pretrained_bert 0.6.2's signatures and losses.
+
+Each `forward` returns the loss when labels are given, else the logits, exactly like the
+reference. Head models hold the encoder as `self.bert`, so their keys carry the `bert.` prefix.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bert_port.config import BertConfig
+from bert_port.model import BertModel, activation
+from bert_port.pretrained import BertPreTrainedModel
+
+
+def _num_labels(config: BertConfig, num_labels: Optional[int]) -> int:
+    """An explicit argument wins; else what a saved classifier's config says; else 2 (the old default)."""
+    if num_labels is not None:
+        return int(num_labels)
+    id2label = getattr(config, "id2label", None)
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    return int(getattr(config, "num_labels", 2))
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = activation(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    """transform -> x @ word_embeddings^T + bias. The decoder weight IS the embedding matrix."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x)) + self.bias  # (..., V)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+
+class BertOnlyNSPHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class _TiedMLM(BertPreTrainedModel):
+    def tie_weights(self) -> None:
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def mlm_loss(self, sequence_output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over positions whose label is not -1, decoding only those positions.
+
+        Equal to the reference's loss over all positions with ignore_index=-1, without
+        computing a (B, S, V) logits tensor for the ~85% of positions that carry no label.
+        """
+        selected = labels != -1
+        logits = self.cls.predictions(sequence_output[selected])  # (N, V)
+        return F.cross_entropy(logits, labels[selected])
+
+
+class BertForPreTraining(_TiedMLM):
+    """Masked LM + next-sentence heads. Returns total loss, or (prediction_scores, seq_relationship_score)."""
+
+    hf_architecture = "BertForPreTraining"
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.apply(self.init_bert_weights)
+        self.tie_weights()
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_lm_labels=None,
+                next_sentence_label=None):
+        sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask, False)
+        nsp_scores = self.cls.seq_relationship(pooled)  # (B, 2)
+        if masked_lm_labels is not None and next_sentence_label is not None:
+            nsp_loss = F.cross_entropy(nsp_scores.view(-1, 2), next_sentence_label.view(-1), ignore_index=-1)
+            return self.mlm_loss(sequence_output, masked_lm_labels) + nsp_loss
+        return self.cls.predictions(sequence_output), nsp_scores
+
+
+class BertForMaskedLM(_TiedMLM):
+    """Returns the masked-LM loss (labels -1 ignored), or prediction scores (B, S, V)."""
+
+    hf_architecture = "BertForMaskedLM"
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertOnlyMLMHead(config)
+        self.apply(self.init_bert_weights)
+        self.tie_weights()
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_lm_labels=None):
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False)
+        if masked_lm_labels is not None:
+            return self.mlm_loss(sequence_output, masked_lm_labels)
+        return self.cls.predictions(sequence_output)
+
+
+class BertForNextSentencePrediction(BertPreTrainedModel):
+    """Returns the NSP loss, or scores (B, 2) (0 = "B follows A")."""
+
+    hf_architecture = "BertForNextSentencePrediction"
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertOnlyNSPHead(config)
+        self.apply(self.init_bert_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, next_sentence_label=None):
+        _, pooled = self.bert(input_ids, token_type_ids, attention_mask, False)
+        scores = self.cls.seq_relationship(pooled)
+        if next_sentence_label is not None:
+            return F.cross_entropy(scores.view(-1, 2), next_sentence_label.view(-1), ignore_index=-1)
+        return scores
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """Dropout + linear on the pooled output. Returns the loss, or logits (B, num_labels)."""
+
+    hf_architecture = "BertForSequenceClassification"
+
+    def __init__(self, config: BertConfig, num_labels: Optional[int] = None) -> None:
+        super().__init__(config)
+        self.num_labels = _num_labels(config, num_labels)
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
+        self.apply(self.init_bert_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
+        _, pooled = self.bert(input_ids, token_type_ids, attention_mask, False)
+        logits = self.classifier(self.dropout(pooled))
+        if labels is not None:
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return logits
+
+
+class BertForMultipleChoice(BertPreTrainedModel):
+    """Inputs (B, C, S); scores each choice from its pooled output. Returns the loss, or logits (B, C)."""
+
+    hf_architecture = "BertForMultipleChoice"
+
+    def __init__(self, config: BertConfig, num_choices: int = 2) -> None:
+        super().__init__(config)
+        self.num_choices = num_choices
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.apply(self.init_bert_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
+        flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731  (B*C, S)
+        _, pooled = self.bert(flat(input_ids), flat(token_type_ids), flat(attention_mask), False)
+        logits = self.classifier(self.dropout(pooled)).view(-1, self.num_choices)
+        if labels is not None:
+            return F.cross_entropy(logits, labels.view(-1))
+        return logits
+
+
+class BertForTokenTagging(BertPreTrainedModel):
+    """Sequence labelling: dropout + linear over every token.
+
+    With labels, the loss is the mean cross-entropy over active tokens only (attention_mask == 1)
+    and ignores label -100 (later word pieces, [CLS], [SEP]). Returns the loss, or logits (B, S, num_labels).
+    """
+
+    hf_architecture = "BertForTokenClassification"
+
+    def __init__(self, config: BertConfig, num_labels: Optional[int] = None) -> None:
+        super().__init__(config)
+        self.num_labels = _num_labels(config, num_labels)
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
+        self.apply(self.init_bert_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False)
+        if labels is None:
+            return self.classifier(self.dropout(sequence_output))
+        active = labels.new_ones(labels.shape, dtype=torch.bool) if attention_mask is None else attention_mask == 1
+        # Only active tokens go through the classifier: the same loss, without the padding's logits.
+        logits = self.classifier(self.dropout(sequence_output[active]))  # (N, num_labels)
+        return F.cross_entropy(logits, labels[active], ignore_index=-100)
+
+
+class BertForTokenClassification(BertForTokenTagging):
+    """pytorch_pretrained_bert's name for the same model (active-token loss, -100 ignored)."""
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """Span start/end logits (B, S) each; the loss averages start and end cross-entropies."""
+
+    hf_architecture = "BertForQuestionAnswering"
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.apply(self.init_bert_weights)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, start_positions=None,
+                end_positions=None):
+        # The span softmax runs over all S positions, padding included, as in the reference: so the
+        # padded positions are computed, not skipped.
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False, skip_padding=False)
+        start_logits, end_logits = self.qa_outputs(sequence_output).unbind(-1)
+        if start_positions is None or end_positions is None:
+            return start_logits, end_logits
+        # Positions outside the sequence are clamped to S and ignored, as in the reference.
+        ignored = start_logits.shape[1]
+        start = start_positions.view(-1).clamp(0, ignored)
+        end = end_positions.view(-1).clamp(0, ignored)
+        loss = F.cross_entropy(start_logits, start, ignore_index=ignored)
+        return (loss + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2

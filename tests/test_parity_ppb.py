@@ -1,0 +1,168 @@
+"""Parity with pytorch_pretrained_bert 0.6.2 (an independent implementation) on the same weights."""
+import pytest
+import torch
+
+import bert_port as bp
+from tests.conftest import TINY, make_inputs, scale_weights_
+
+ppb = pytest.importorskip("pytorch_pretrained_bert")
+
+TOL = 1e-5
+
+
+def pair(ppb_cls, our_cls, *args, dropout: float = 0.1, **cfg_overrides):
+    """The same scaled random weights in a ppb model and in ours (loaded through our key mapping)."""
+    cfg = dict(TINY, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, **cfg_overrides)
+    torch.manual_seed(0)
+    theirs = ppb_cls(ppb.BertConfig(**cfg), *args)
+    scale_weights_(theirs)
+    ours = our_cls(bp.BertConfig(**cfg), *args)
+    ours.load_pretrained_state_dict(theirs.state_dict())
+    assert not ours.missing_keys and not ours.unexpected_keys
+    return theirs.eval(), ours.eval()
+
+
+def max_diff_at_real(a, b, mask):
+    real = mask.bool()
+    return (a - b)[real].abs().max().item()
+
+
+def test_encoder_every_layer_and_pooled():
+    theirs, ours = pair(ppb.BertModel, bp.BertModel)
+    ids, types, mask = make_inputs()
+    with torch.no_grad():
+        ref_layers, ref_pooled = theirs(ids, types, mask)
+        layers, pooled = ours(ids, types, mask)
+    assert len(layers) == len(ref_layers) == TINY["num_hidden_layers"]
+    for ref, out in zip(ref_layers, layers):
+        assert out.shape == ref.shape
+        assert max_diff_at_real(ref, out, mask) < TOL
+        assert out.abs().max() > 1.0  # scaled weights: a real signal, not ~0
+    assert (ref_pooled - pooled).abs().max() < TOL
+
+
+def test_defaults_and_last_layer_only():
+    theirs, ours = pair(ppb.BertModel, bp.BertModel)
+    ids, _, _ = make_inputs()
+    with torch.no_grad():
+        ref, ref_pooled = theirs(ids, output_all_encoded_layers=False)
+        out, pooled = ours(ids, output_all_encoded_layers=False)
+    assert isinstance(out, torch.Tensor) and out.shape == ref.shape
+    assert (ref - out).abs().max() < TOL and (ref_pooled - pooled).abs().max() < TOL
+
+
+def test_padding_does_not_change_real_tokens():
+    _, ours = pair(ppb.BertModel, bp.BertModel)
+    ids, types, mask = make_inputs()
+    with torch.no_grad():
+        padded, _ = ours(ids, types, mask, output_all_encoded_layers=False)
+        for row in range(ids.shape[0]):
+            n = int(mask[row].sum())
+            alone, _ = ours(ids[row:row + 1, :n], types[row:row + 1, :n], output_all_encoded_layers=False)
+            assert (alone[0] - padded[row, :n]).abs().max() < TOL
+    assert padded[~mask.bool()].abs().max() == 0  # padding positions are not computed
+
+
+@pytest.mark.parametrize("act", ["gelu_new", "relu"])
+def test_parity_would_catch_a_wrong_activation(act):
+    """The test weights are large enough that the GELU variant matters by far more than TOL."""
+    theirs, _ = pair(ppb.BertModel, bp.BertModel)
+    wrong = bp.BertModel(bp.BertConfig(**dict(TINY, hidden_act=act)))
+    wrong.load_pretrained_state_dict(theirs.state_dict())
+    ids, types, mask = make_inputs()
+    with torch.no_grad():
+        ref, _ = theirs(ids, types, mask, output_all_encoded_layers=False)
+        out, _ = wrong.eval()(ids, types, mask, output_all_encoded_layers=False)
+    assert max_diff_at_real(ref, out, mask) > 30 * TOL
+
+
+def test_parity_would_catch_a_wrong_layernorm_eps():
+    theirs, _ = pair(ppb.BertModel, bp.BertModel)
+    with torch.no_grad():  # word rows with a tiny spread: LayerNorm sees variance ~1e-6
+        theirs.embeddings.word_embeddings.weight[5:9] *= 1e-3
+        theirs.embeddings.position_embeddings.weight.mul_(1e-3)
+        theirs.embeddings.token_type_embeddings.weight.mul_(1e-3)
+    wrong = bp.BertModel(bp.BertConfig(**dict(TINY, layer_norm_eps=1e-5)))
+    right = bp.BertModel(bp.BertConfig(**TINY))
+    wrong.load_pretrained_state_dict(theirs.state_dict())
+    right.load_pretrained_state_dict(theirs.state_dict())
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6]])
+    with torch.no_grad():
+        ref, _ = theirs(ids, output_all_encoded_layers=False)
+        assert (ref - right.eval()(ids, output_all_encoded_layers=False)[0]).abs().max() < TOL
+        assert (ref - wrong.eval()(ids, output_all_encoded_layers=False)[0]).abs().max() > 100 * TOL
+
+
+def _head_cases():
+    ids, types, mask = make_inputs()
+    B, S = ids.shape
+    g = torch.Generator().manual_seed(3)
+    mlm = torch.full((B, S), -1, dtype=torch.long)
+    mlm[:, 1:S:3] = torch.randint(0, 99, (B, len(range(1, S, 3))), generator=g)
+    mlm[mask == 0] = -1  # nobody labels padding (and the reference's hidden states there are arbitrary)
+    tags = torch.randint(0, 5, (B, S), generator=g)
+    tags[:, 0] = -100
+    choice_ids = ids[:2].unsqueeze(0).repeat(2, 1, 1)  # (B=2, C=2, S)
+    return [
+        ("BertForPreTraining", (), (ids, types, mask), dict(masked_lm_labels=mlm, next_sentence_label=torch.tensor([0, 1, 0]))),
+        ("BertForMaskedLM", (), (ids, types, mask), dict(masked_lm_labels=mlm)),
+        ("BertForNextSentencePrediction", (), (ids, types, mask), dict(next_sentence_label=torch.tensor([1, 0, -1]))),
+        ("BertForSequenceClassification", (3,), (ids, types, mask), dict(labels=torch.tensor([0, 2, 1]))),
+        ("BertForTokenClassification", (5,), (ids, types, mask), dict(labels=tags)),
+        ("BertForMultipleChoice", (2,), (choice_ids, types[:2].unsqueeze(0).repeat(2, 1, 1),
+                                         mask[:2].unsqueeze(0).repeat(2, 1, 1)), dict(labels=torch.tensor([1, 0]))),
+        ("BertForQuestionAnswering", (), (ids, types, mask),
+         dict(start_positions=torch.tensor([1, 3, 40]), end_positions=torch.tensor([2, 5, 6]))),
+    ]
+
+
+@pytest.mark.parametrize("name,args,inputs,labels", _head_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_heads_logits_and_losses(name, args, inputs, labels):
+    theirs, ours = pair(getattr(ppb, name), getattr(bp, name), *args)
+    mask = inputs[2]
+    with torch.no_grad():
+        ref_out, out = theirs(*inputs), ours(*inputs)
+        ref_loss, loss = theirs(*inputs, **labels), ours(*inputs, **labels)
+    ref_out = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+    out = out if isinstance(out, tuple) else (out,)
+    for r, o in zip(ref_out, out):
+        assert r.shape == o.shape
+        if r.dim() >= 2 and r.shape[:2] == mask.shape:  # per-token outputs: compare real tokens
+            assert max_diff_at_real(r, o, mask) < 3 * TOL
+        else:
+            assert (r - o).abs().max() < 3 * TOL
+    assert loss.shape == ref_loss.shape == ()
+    assert abs(loss.item() - ref_loss.item()) < TOL * max(1.0, abs(ref_loss.item()))
+
+
+def canonical_grads(model):
+    """Gradients by state-dict name (our fused QKV gradient split into query/key/value)."""
+    grads = {}
+    for name, p in model.named_parameters():
+        if name.endswith(".qkv.weight") or name.endswith(".qkv.bias"):
+            base, kind = name.rsplit(".qkv.", 1)
+            for part, g in zip(("query", "key", "value"), p.grad.chunk(3)):
+                grads[f"{base}.{part}.{kind}"] = g
+        else:
+            grads[name] = p.grad
+    return grads
+
+
+@pytest.mark.parametrize("name,args,labels_key", [
+    ("BertForTokenClassification", (5,), "labels"),
+    ("BertForSequenceClassification", (3,), "labels"),
+    ("BertForMaskedLM", (), "masked_lm_labels"),
+])
+def test_one_training_step_gradients(name, args, labels_key):
+    theirs, ours = pair(getattr(ppb, name), getattr(bp, name), *args, dropout=0.0)
+    theirs.train(), ours.train()
+    ids, types, mask = make_inputs()
+    labels = {c[0]: c[3] for c in _head_cases()}[name][labels_key]
+    theirs(ids, types, mask, labels).backward()
+    ours(ids, types, mask, labels).backward()
+    ref = {k: p.grad for k, p in theirs.named_parameters() if p.grad is not None}
+    got = canonical_grads(ours)
+    assert set(ref) <= set(got)
+    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    assert worst < TOL, worst
+    assert max(g.abs().max().item() for g in ref.values()) > 1e-2  # gradients are not trivially ~0
