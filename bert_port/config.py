@@ -89,10 +89,10 @@ class BertConfig:
     def from_dict(cls, json_object: Dict[str, Any]) -> "BertConfig":
         """Build a config from a dict; unknown keys are kept as attributes."""
         data = dict(json_object)
-        if "vocab_size" not in data:
-            raise ValueError("config has no 'vocab_size'")
-        config = cls(data.pop("vocab_size"), **data)
-        return config
+        vocab_size = data.pop("vocab_size", None)
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+            raise ValueError(f"config field 'vocab_size' must be a positive int, got {vocab_size!r}")
+        return cls(vocab_size, **data)
 
     @classmethod
     def from_json_file(cls, json_file: Union[str, os.PathLike]) -> "BertConfig":
