@@ -1,0 +1,229 @@
+"""The one name/layout table between source namings and bert_port's canonical state-dict keys.
+
+Canonical keys are HF `BertForPreTraining`'s: `bert.` + the encoder's module path, then the heads
+(`cls.predictions.*`, `cls.seq_relationship.*`, `classifier.*`, `qa_outputs.*`). Every converter, in
+both directions, goes through `RULES`; nothing else in the package spells a TF variable name.
+
+A rule is (TF1 name, canonical name, layout). `{i}` is a layer index. Layouts:
+  "T"  TF `kernel` [in, out] <-> torch `weight` [out, in] (transpose)
+  ""   same layout (embedding tables [rows, H], biases, LayerNorm, and
+       `cls/seq_relationship/output_weights`, which Google already stores as [2, H])
+MegEngine Models' keys ARE the canonical keys (its BertModel has no `bert.` prefix).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+_LAYER = "bert/encoder/layer_{i}/"
+_TORCH_LAYER = "bert.encoder.layer.{i}."
+
+
+def _dense(tf: str, torch: str) -> List[Tuple[str, str, str]]:
+    return [(f"{tf}/kernel", f"{torch}.weight", "T"), (f"{tf}/bias", f"{torch}.bias", "")]
+
+
+def _layer_norm(tf: str, torch: str) -> List[Tuple[str, str, str]]:
+    return [(f"{tf}/gamma", f"{torch}.weight", ""), (f"{tf}/beta", f"{torch}.bias", "")]
+
+
+RULES: List[Tuple[str, str, str]] = [
+    ("bert/embeddings/word_embeddings", "bert.embeddings.word_embeddings.weight", ""),
+    ("bert/embeddings/position_embeddings", "bert.embeddings.position_embeddings.weight", ""),
+    ("bert/embeddings/token_type_embeddings", "bert.embeddings.token_type_embeddings.weight", ""),
+    *_layer_norm("bert/embeddings/LayerNorm", "bert.embeddings.LayerNorm"),
+    *_dense(_LAYER + "attention/self/query", _TORCH_LAYER + "attention.self.query"),
+    *_dense(_LAYER + "attention/self/key", _TORCH_LAYER + "attention.self.key"),
+    *_dense(_LAYER + "attention/self/value", _TORCH_LAYER + "attention.self.value"),
+    *_dense(_LAYER + "attention/output/dense", _TORCH_LAYER + "attention.output.dense"),
+    *_layer_norm(_LAYER + "attention/output/LayerNorm", _TORCH_LAYER + "attention.output.LayerNorm"),
+    *_dense(_LAYER + "intermediate/dense", _TORCH_LAYER + "intermediate.dense"),
+    *_dense(_LAYER + "output/dense", _TORCH_LAYER + "output.dense"),
+    *_layer_norm(_LAYER + "output/LayerNorm", _TORCH_LAYER + "output.LayerNorm"),
+    *_dense("bert/pooler/dense", "bert.pooler.dense"),
+    # Pretraining heads (run_pretraining.py). The MLM decoder is tied to word_embeddings.
+    *_dense("cls/predictions/transform/dense", "cls.predictions.transform.dense"),
+    *_layer_norm("cls/predictions/transform/LayerNorm", "cls.predictions.transform.LayerNorm"),
+    ("cls/predictions/output_bias", "cls.predictions.bias", ""),
+    ("cls/seq_relationship/output_weights", "cls.seq_relationship.weight", ""),  # [2, H]: no transpose
+    ("cls/seq_relationship/output_bias", "cls.seq_relationship.bias", ""),
+    # Fine-tuned heads: run_classifier.py ([num_labels, H], used with transpose_b) and run_squad.py.
+    ("output_weights", "classifier.weight", ""),
+    ("output_bias", "classifier.bias", ""),
+    ("cls/squad/output_weights", "qa_outputs.weight", ""),
+    ("cls/squad/output_bias", "qa_outputs.bias", ""),
+]
+
+# tensorflow/models' TF2 BertEncoder (`tf.train.Checkpoint(encoder=...)`): Keras tracks layers as
+# `layer_with_weights-K`: 0 word, 1 position, 2 token type, 3 embedding LayerNorm, 4..L+3 the
+# transformer layers, L+4 the pooler. Layer rules are relative to `layer_with_weights-{4+i}/`.
+# Extra layouts: "qkv" kernel [H, A, D] -> [H, H]^T, bias [A, D] -> [H]; "out" kernel [A, D, H] -> [H, H]^T.
+ENCODER_EMBEDDINGS = {
+    "layer_with_weights-0/embeddings": "bert.embeddings.word_embeddings.weight",
+    "layer_with_weights-1/embeddings": "bert.embeddings.position_embeddings.weight",
+    "layer_with_weights-2/embeddings": "bert.embeddings.token_type_embeddings.weight",
+    "layer_with_weights-3/gamma": "bert.embeddings.LayerNorm.weight",
+    "layer_with_weights-3/beta": "bert.embeddings.LayerNorm.bias",
+}
+ENCODER_LAYER_RULES: List[Tuple[str, str, str]] = [
+    *[(f"_attention_layer/_{p}_dense/{v}", f"attention.self.{p}.{w}", "qkv")
+      for p in ("query", "key", "value") for v, w in (("kernel", "weight"), ("bias", "bias"))],
+    ("_attention_output_dense/kernel", "attention.output.dense.weight", "out"),
+    ("_attention_output_dense/bias", "attention.output.dense.bias", ""),
+    ("_attention_layer/_output_dense/kernel", "attention.output.dense.weight", "out"),  # newer Keras MHA
+    ("_attention_layer/_output_dense/bias", "attention.output.dense.bias", ""),
+    *_layer_norm("_attention_layer_norm", "attention.output.LayerNorm"),
+    *_dense("_intermediate_dense", "intermediate.dense"),
+    *_dense("_output_dense", "output.dense"),
+    *_layer_norm("_output_layer_norm", "output.LayerNorm"),
+]
+_ENCODER_NAME = re.compile(r"^(?:.*/)?(layer_with_weights-(\d+))/(.+)$")
+
+
+def encoder_rule(path: str, num_layers: Optional[int]) -> Optional[Tuple[str, str]]:
+    """Map one tensorflow/models encoder path (prefix such as `encoder/` ignored)."""
+    m = _ENCODER_NAME.match(path)
+    if m is None or num_layers is None:
+        return None
+    short, k, rest = m.group(1) + "/" + m.group(3), int(m.group(2)), m.group(3)
+    if short in ENCODER_EMBEDDINGS:
+        return ENCODER_EMBEDDINGS[short], ""
+    if 4 <= k < 4 + num_layers:
+        for source, target, layout in ENCODER_LAYER_RULES:
+            if rest == source:
+                return f"bert.encoder.layer.{k - 4}.{target}", layout
+    if k == 4 + num_layers and rest in ("kernel", "bias"):
+        return f"bert.pooler.dense.{'weight' if rest == 'kernel' else 'bias'}", "T" if rest == "kernel" else ""
+    return None
+
+
+# Source names that are training state or bookkeeping, not weights: skipped and counted.
+_SKIP_PARTS = {"adam_m", "adam_v", "AdamWeightDecayOptimizer", "AdamWeightDecayOptimizer_1",
+               "global_step", "save_counter", "_CHECKPOINTABLE_OBJECT_GRAPH", ".OPTIMIZER_SLOT"}
+
+# TF2 `tf.train.Checkpoint` object paths end in this; strip it to get the variable's path.
+_TF2_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _compile(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+_TF_TO_TORCH = [(_compile(tf), torch, layout) for tf, torch, layout in RULES]
+_TORCH_TO_TF = [(_compile(torch), tf, layout) for tf, torch, layout in RULES]
+
+
+def _apply(rules, name: str) -> Optional[Tuple[str, str]]:
+    for pattern, target, layout in rules:
+        m = pattern.match(name)
+        if m:
+            return target.replace("{i}", m.group("i")) if "{i}" in target else target, layout
+    return None
+
+
+def to_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    """Apply a rule's layout change: source layout -> torch layout ("T" is its own inverse)."""
+    if layout == "T":
+        return np.ascontiguousarray(array.T)
+    if layout == "qkv":  # kernel [H, A, D] -> weight [A*D, H]; bias [A, D] -> [A*D]
+        return np.ascontiguousarray(array.reshape(array.shape[0], -1).T) if array.ndim == 3 else array.reshape(-1)
+    if layout == "out":  # kernel [A, D, H] -> weight [H, A*D]
+        return np.ascontiguousarray(array.reshape(-1, array.shape[-1]).T)
+    return array
+
+
+@dataclass
+class Plan:
+    """What a conversion will do, decided from names alone (before any tensor is read)."""
+
+    renames: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # source -> (target, layout)
+    skipped: List[str] = field(default_factory=list)  # optimizer state / bookkeeping
+    unknown: List[str] = field(default_factory=list)  # not understood: reported, not converted
+
+
+def is_training_state(name: str) -> bool:
+    parts = set(name.split("/"))
+    return bool(parts & _SKIP_PARTS) or "optimizer" in name.lower()
+
+
+def tf_variable_path(name: str) -> str:
+    """`bert/…` for a TF1 name; a TF2 object path loses `.ATTRIBUTES/VARIABLE_VALUE` and a leading
+    `model/` (HF's TF2 converter does the same)."""
+    if name.endswith(_TF2_SUFFIX):
+        name = name[: -len(_TF2_SUFFIX)]
+    return name[len("model/"):] if name.startswith("model/") else name
+
+
+def plan_from_tf(names: Iterable[str], encoder_layers: Optional[int] = None) -> Plan:
+    """Map TF1 names, TF2 object paths and the tensorflow/models encoder naming."""
+    plan = Plan()
+    for name in names:
+        if is_training_state(name):
+            plan.skipped.append(name)
+            continue
+        path = tf_variable_path(name)
+        hit = _apply(_TF_TO_TORCH, path) or encoder_rule(path, encoder_layers)
+        if hit is None:
+            plan.unknown.append(name)
+        else:
+            plan.renames[name] = hit
+    return plan
+
+
+def plan_from_canonical(names: Iterable[str]) -> Plan:
+    """canonical -> TF1 Google names (for torch2tf). The tied decoder and position_ids are dropped."""
+    plan = Plan()
+    for name in names:
+        hit = _apply(_TORCH_TO_TF, name)
+        if hit is not None:
+            plan.renames[name] = hit
+        elif name in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias") or name.endswith("position_ids"):
+            plan.skipped.append(name)
+        else:
+            plan.unknown.append(name)
+    return plan
+
+
+def canonical_from_mge(names: Iterable[str]) -> Plan:
+    """MegEngine Models: BertModel keys (no prefix) or `bert.` + `classifier.` keys."""
+    plan = Plan()
+    for name in names:
+        target = name if name.startswith(("bert.", "classifier.")) else "bert." + name
+        if _apply(_TORCH_TO_TF, target) is None:
+            plan.unknown.append(name)
+        else:
+            plan.renames[name] = (target, "")
+    return plan
+
+
+def mge_from_canonical(names: Iterable[str]) -> Plan:
+    """canonical -> MegEngine Models keys: hub form (no prefix) unless there is a classifier."""
+    names = list(names)
+    has_classifier = any(n.startswith("classifier.") for n in names)
+    plan = Plan()
+    for name in names:
+        if name.startswith("bert.") and _apply(_TORCH_TO_TF, name) is not None:
+            plan.renames[name] = (name if has_classifier else name[len("bert."):], "")
+        elif name.startswith("classifier."):
+            plan.renames[name] = (name, "")
+        else:  # MegEngine Models has no pretraining or QA heads
+            plan.skipped.append(name)
+    return plan
+
+
+def architecture_of(canonical_names: Iterable[str]) -> str:
+    """The HF/bert_port class whose keys these are."""
+    names = set(canonical_names)
+    if any(n.startswith("cls.predictions.") for n in names):
+        return "BertForPreTraining" if "cls.seq_relationship.weight" in names else "BertForMaskedLM"
+    if "cls.seq_relationship.weight" in names:
+        return "BertForNextSentencePrediction"
+    if "qa_outputs.weight" in names:
+        return "BertForQuestionAnswering"
+    if "classifier.weight" in names:
+        return "BertForSequenceClassification"
+    return "BertModel"
+

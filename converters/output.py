@@ -1,0 +1,84 @@
+"""Writing a converted model directory: all or nothing, streaming one tensor at a time.
+
+The directory is built under a temporary sibling name and renamed into place at the end, so a
+failed or killed conversion leaves nothing a later `from_pretrained` could mistake for a model.
+`model.safetensors` is written as a stream (header first, computed from shapes alone, then each
+tensor's bytes), so converting a multi-GB checkpoint holds one tensor in memory, not the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, List, Sequence, Tuple
+
+import numpy as np
+
+from converters.errors import ConversionError
+
+_SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
+                       np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("uint8"): "U8",
+                       np.dtype("int8"): "I8", np.dtype("bool"): "BOOL"}
+
+
+@contextlib.contextmanager
+def output_directory(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a temp directory that becomes `out_dir` only when the block succeeds."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise ConversionError(f"{out_dir}: output directory already exists (use --force to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"{out_dir}: exists and is not a directory")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as e:
+        raise ConversionError(f"{out_dir}: cannot create output directory ({e.strerror or e})") from None
+    try:
+        yield tmp
+        if out_dir.exists():  # --force: swap, then delete the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_safetensors(path: Path, specs: Sequence[Tuple[str, np.dtype, Tuple[int, ...]]],
+                      produce: Callable[[str], np.ndarray]) -> None:
+    """Stream a safetensors file: `specs` gives (name, dtype, shape) of each tensor in order and
+    `produce(name)` returns its array when its turn comes (it must match the spec)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, dtype, shape in specs:
+            array = np.ascontiguousarray(produce(name), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ConversionError(f"{name}: produced shape {array.shape}, planned {tuple(shape)}")
+            f.write(memoryview(array).cast("B"))
+
+
+def copy_file(src: Path, dst: Path, what: str) -> None:
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as e:
+        raise ConversionError(f"{src}: cannot read {what} ({e.strerror or e})") from None
+
+
+def list_files(directory: Path) -> List[str]:
+    return sorted(p.name for p in Path(directory).iterdir())

@@ -1,0 +1,15 @@
+"""python -m converters.torch2mge DIR --out FILE.pkl
+
+Writes a bert_port/HF model directory as a MegEngine Models state dict: a dict of float32 numpy
+arrays, pickle protocol 4, that MegEngine's `Module.load_state_dict` accepts. BertModel weights use
+the hub form (no prefix); with a classifier, `bert.` + `classifier.` keys. MegEngine Models has
+no pretraining/QA heads: those tensors are skipped and counted.
+"""
+from converters import cli
+from converters.convert import torch_to_mge
+
+if __name__ == "__main__":
+    p = cli.parser("python -m converters.torch2mge", __doc__.split("\n\n")[1])
+    p.add_argument("model_dir", help="directory with config.json and model.safetensors / pytorch_model.bin")
+    p.add_argument("--out", required=True, help="output .pkl file")
+    cli.main(p, lambda a: torch_to_mge(a.model_dir, a.out, force=a.force))
