@@ -205,8 +205,13 @@ def torch_to_tf(model_dir: PathLike, out_prefix: PathLike, *, force: bool = Fals
 
 
 def _refuse_existing(path: PathLike, force: bool) -> None:
+    """Refuse to overwrite without --force; create the parent directory otherwise."""
     if Path(path).exists() and not force:
         raise ConversionError(f"{path}: already exists (use --force to replace it)")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"{Path(path).parent}: cannot create directory ({e.strerror or e})") from None
 
 
 def _export_summary(model_dir, output, plan: mapping.Plan, out: Mapping[str, np.ndarray]) -> dict:
