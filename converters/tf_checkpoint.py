@@ -1,0 +1,413 @@
+"""Read and write TensorFlow tensor-bundle checkpoints (`P.index` + `P.data-K-of-N`) without TF.
+
+Why: Google's BERT checkpoints are TF bundles, and we convert them on machines without
+TensorFlow. Format: tensor_bundle.cc + LevelDB table (summary in the project's TF reference
+notes, tensorflow.md section 3), checked against files written by TF 2.21.
+
+Reader design:
+* the `.index` table is parsed and every entry validated up front (dtype known, shape vs size,
+  shard exists, offset+size inside the shard), so later reads cannot run off a file;
+* tensors are read lazily, one at a time, as read-only numpy views of a `numpy.memmap` of the
+  shard (a 4 GB checkpoint never needs 4 GB of RAM); every read verifies the tensor's crc32c;
+* bfloat16 is widened to float32 by default (exact: bf16 is the upper half of a float32);
+  `get(name, widen_bfloat16=False)` returns the raw bits as a uint16 view instead;
+* DT_STRING: a scalar gives `bytes`, other shapes a numpy object array of `bytes` (like TF);
+* partitioned (sliced) variables are refused; BERT checkpoints never use them.
+Every problem is a `ConversionError` whose message names the file.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Union
+
+import numpy as np
+
+from converters import _tf_proto as proto
+from converters._tf_table import Corrupt, build_table, crc32c, mask_crc, put_varint, read_table, read_varint
+from converters.errors import ConversionError
+
+__all__ = ["TFCheckpointReader", "load_tf_checkpoint", "list_variables", "write_tf_checkpoint"]
+
+Tensor = Union[np.ndarray, bytes]
+DT_STRING, DT_BFLOAT16 = 7, 14
+# DataType enum (types.proto) -> (name, little-endian numpy dtype); bfloat16 stored as uint16 bits
+_DTYPES: dict[int, tuple[str, np.dtype]] = {
+    1: ("float32", np.dtype("<f4")), 2: ("float64", np.dtype("<f8")), 3: ("int32", np.dtype("<i4")),
+    4: ("uint8", np.dtype("u1")), 5: ("int16", np.dtype("<i2")), 6: ("int8", np.dtype("i1")),
+    7: ("string", np.dtype(object)), 8: ("complex64", np.dtype("<c8")),
+    9: ("int64", np.dtype("<i8")), 10: ("bool", np.dtype("?")), 14: ("bfloat16", np.dtype("<u2")),
+    17: ("uint16", np.dtype("<u2")), 18: ("complex128", np.dtype("<c16")),
+    19: ("float16", np.dtype("<f2")), 22: ("uint32", np.dtype("<u4")), 23: ("uint64", np.dtype("<u8")),
+}
+_CODE_BY_NAME = {name: code for code, (name, _) in _DTYPES.items()}
+# numpy (kind, itemsize) -> code for the writer; bfloat16 has no numpy kind of its own
+_CODE_BY_KIND = {(dt.kind, dt.itemsize): code for code, (_, dt) in _DTYPES.items()
+                 if code not in (DT_STRING, DT_BFLOAT16)}
+_TENSOR_BUNDLE_VERSION = 1  # kTensorBundleVersion: consumers older than this are refused
+_MAX_RANK = 64  # numpy's NPY_MAXDIMS; TF allows 254 but no real checkpoint comes close
+_CHUNK = 16 << 20  # crc and write granularity; keeps temporary copies small
+
+
+def data_filename(prefix: str, shard: int, num_shards: int) -> str:
+    """`P.data-00000-of-00001` (tensor_bundle naming.cc DataFilename)."""
+    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    """Shape for error messages, cut short so a hostile 3000-dim shape stays short."""
+    if len(shape) <= 8:
+        return str(list(shape))
+    return f"[{', '.join(str(d) for d in shape[:8])}, ...] (rank {len(shape)})"
+
+
+def _num_elements(shape: tuple[int, ...]) -> int:
+    """Element count, saturated at 2**64 so thousands of huge dims cost no bignum work."""
+    if 0 in shape:
+        return 0
+    count = 1
+    for d in shape:
+        count = min(count * d, 1 << 64)
+    return count
+
+
+@dataclass(frozen=True)
+class _Info:
+    dtype: int
+    shape: tuple[int, ...]
+    shard: int
+    offset: int
+    size: int
+    crc: int
+    sliced: bool
+
+
+class TFCheckpointReader:
+    """Lazy reader: `.keys()`, `.shape_dtype(name)`, `.get(name)`; opening validates the index."""
+
+    def __init__(self, prefix: str | os.PathLike) -> None:
+        self.prefix = os.fspath(prefix)
+        self.index_path = self.prefix + ".index"
+        try:
+            with open(self.index_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ConversionError(f"{self.index_path}: TF checkpoint index not found "
+                                  "(pass the prefix, e.g. .../bert_model.ckpt)") from None
+        except OSError as e:
+            raise ConversionError(f"{self.index_path}: cannot read: {e.strerror}") from None
+        try:
+            items = read_table(data)
+            if not items or items[0][0] != b"":
+                raise Corrupt("no header entry (empty key) in the index")
+            header = proto.parse_header(items[0][1])
+            self._check_header(header)
+            self.num_shards = header.num_shards
+            infos = [(key, self._check_entry(key, value)) for key, value in items[1:]]
+            # Slices of partitioned variables live under OrderedCode keys starting with NUL;
+            # like TF's CheckpointReader, list only the full-tensor entries.
+            self._infos = {key.decode("utf-8", "surrogateescape"): info
+                           for key, info in infos if not key.startswith(b"\x00")}
+        except Corrupt as e:
+            raise self._error(str(e)) from None
+        self._maps: dict[int, np.ndarray] = {}
+        self._check_shards()
+
+    # ------------------------------------------------------------ validation
+    def _error(self, msg: str, path: str | None = None) -> ConversionError:
+        return ConversionError(f"{path or self.index_path}: {msg}")
+
+    @staticmethod
+    def _check_header(h: proto.Header) -> None:
+        if h.num_shards < 1:
+            raise Corrupt(f"header claims {h.num_shards} data shards")
+        if h.endianness != 0:
+            raise Corrupt("big-endian checkpoint (header endianness BIG); only little-endian is supported")
+        if h.producer < 0 or h.min_consumer > _TENSOR_BUNDLE_VERSION or _TENSOR_BUNDLE_VERSION in h.bad_consumers:
+            raise Corrupt(f"unsupported tensor bundle version (producer {h.producer}, "
+                          f"min_consumer {h.min_consumer}, bad_consumers {list(h.bad_consumers)})")
+
+    def _check_entry(self, key: bytes, value: bytes) -> _Info:
+        name = key.decode("utf-8", "backslashreplace")
+        try:
+            e = proto.parse_entry(value)
+        except Corrupt as err:
+            raise Corrupt(f"tensor {name!r}: {err}") from None
+        if e.dtype not in _DTYPES:
+            raise Corrupt(f"tensor {name!r} has unknown or unsupported dtype code {e.dtype}")
+        if e.unknown_rank or any(d < 0 for d in e.shape):
+            raise Corrupt(f"tensor {name!r} has an unknown or negative shape {_fmt_shape(e.shape)}")
+        if not 0 <= e.shard_id < self.num_shards:
+            raise Corrupt(f"tensor {name!r} is in shard {e.shard_id}, but the header says {self.num_shards} shards")
+        if e.offset < 0 or e.size < 0:
+            raise Corrupt(f"tensor {name!r} has negative offset {e.offset} or size {e.size}")
+        count = _num_elements(e.shape)
+        label, np_dtype = _DTYPES[e.dtype]
+        # numpy refuses shapes whose non-zero dims overflow intp even when a zero dim makes them empty
+        if len(e.shape) > _MAX_RANK or _num_elements(tuple(d for d in e.shape if d)) * np_dtype.itemsize >= 1 << 63:
+            raise Corrupt(f"tensor {name!r} has an impossibly large shape {_fmt_shape(e.shape)}")
+        if e.num_slices == 0:
+            if e.dtype == DT_STRING:
+                if count + 4 > e.size:  # >= 1 varint byte per element + 4-byte length checksum
+                    raise Corrupt(f"tensor {name!r}: size {e.size} bytes is too small for "
+                                  f"{count} strings (shape {_fmt_shape(e.shape)})")
+            elif count * np_dtype.itemsize != e.size:
+                raise Corrupt(f"tensor {name!r}: size {e.size} bytes disagrees with shape "
+                              f"{_fmt_shape(e.shape)} ({count} x {label})")
+        return _Info(e.dtype, e.shape, e.shard_id, e.offset, e.size, e.crc32c or 0, e.num_slices > 0)
+
+    def _check_shards(self) -> None:
+        sizes: dict[int, int] = {}
+        for name, info in self._infos.items():
+            if info.sliced:
+                continue
+            path = data_filename(self.prefix, info.shard, self.num_shards)
+            if info.shard not in sizes:
+                try:
+                    sizes[info.shard] = os.stat(path).st_size
+                except FileNotFoundError:
+                    raise self._error(f"data shard {path} is missing") from None
+                except OSError as e:
+                    raise self._error(f"cannot stat data shard {path}: {e.strerror}") from None
+            if info.offset + info.size > sizes[info.shard]:
+                raise self._error(f"tensor {name!r} (offset {info.offset}, size {info.size}) extends beyond "
+                                  f"the end of the {sizes[info.shard]}-byte shard; file truncated?", path)
+
+    # ------------------------------------------------------------ public API
+    def keys(self) -> list[str]:
+        """Tensor names in the index's (bytewise) order, header excluded."""
+        return list(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def _info(self, name: str) -> _Info:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise self._error(f"no tensor named {name!r}") from None
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        """(shape, TF dtype name such as 'float32', 'bfloat16', 'string') without reading data."""
+        info = self._info(name)
+        return info.shape, _DTYPES[info.dtype][0]
+
+    def _shard_map(self, shard: int) -> np.ndarray:
+        if shard not in self._maps:
+            path = data_filename(self.prefix, shard, self.num_shards)
+            try:
+                if os.path.getsize(path) == 0:
+                    self._maps[shard] = np.zeros(0, np.uint8)
+                else:
+                    self._maps[shard] = np.memmap(path, dtype=np.uint8, mode="r")
+            except (OSError, ValueError) as e:
+                raise self._error(f"cannot map data shard {path}: {e}") from None
+        return self._maps[shard]
+
+    def _crc_of_range(self, path: str, offset: int, size: int) -> int:
+        """crc32c of file bytes via pread in 16 MiB chunks: verifying does not fault the memmap's
+        pages into this process (RSS stays low until the caller touches the array)."""
+        crc = 0
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                end = offset + size
+                while offset < end:
+                    chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
+                    if not chunk:
+                        raise self._error("unexpected end of file (file shrank?)", path)
+                    crc = crc32c(chunk, crc)
+                    offset += len(chunk)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise self._error(f"cannot read: {e.strerror}", path) from None
+        return crc
+
+    def get(self, name: str, *, widen_bfloat16: bool = True) -> Tensor:
+        """One tensor, crc-verified. Non-string tensors are read-only views of the memory map."""
+        info = self._info(name)
+        if info.sliced:
+            raise self._error(f"tensor {name!r} is a partitioned (sliced) variable; not supported")
+        path = data_filename(self.prefix, info.shard, self.num_shards)
+        mm = self._shard_map(info.shard)
+        if info.offset + info.size > mm.size:
+            raise self._error(f"tensor {name!r} extends beyond the end of the shard (file shrank?)", path)
+        raw = mm[info.offset:info.offset + info.size]
+        if info.dtype == DT_STRING:
+            return self._strings(name, info, raw.tobytes(), path)
+        if mask_crc(self._crc_of_range(path, info.offset, info.size)) != info.crc:
+            raise self._error(f"crc32c mismatch for tensor {name!r}: data corrupted", path)
+        arr = np.asarray(raw).view(_DTYPES[info.dtype][1]).reshape(info.shape)
+        if info.dtype == DT_BFLOAT16 and widen_bfloat16:
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr
+
+    def _strings(self, name: str, info: _Info, buf: bytes, path: str) -> Tensor:
+        # layout: varint64 len[n] | u32 masked crc of lens (each as u32, or u64 if > 2**32-1) | bytes
+        count = _num_elements(info.shape)
+        lengths: list[int] = []
+        pos, end = 0, len(buf)
+        try:
+            for _ in range(count):  # count <= size - 4 was checked at open
+                n, pos = read_varint(buf, pos, end)
+                lengths.append(n)
+        except Corrupt as e:
+            raise self._error(f"string tensor {name!r}: bad length: {e}", path) from None
+        packed = b"".join(struct.pack("<I", n) if n <= 0xFFFFFFFF else struct.pack("<Q", n) for n in lengths)
+        crc = crc32c(packed)
+        if end - pos < 4 or struct.unpack_from("<I", buf, pos)[0] != mask_crc(crc):
+            raise self._error(f"string tensor {name!r}: length checksum mismatch", path)
+        crc = crc32c(buf[pos:pos + 4], crc)
+        pos += 4
+        if sum(lengths) != end - pos:
+            raise self._error(f"string tensor {name!r}: lengths add up to {sum(lengths)} bytes, "
+                              f"entry holds {end - pos}", path)
+        if mask_crc(crc32c(buf[pos:], crc)) != info.crc:
+            raise self._error(f"crc32c mismatch for tensor {name!r}: data corrupted", path)
+        items = []
+        for n in lengths:
+            items.append(buf[pos:pos + n])
+            pos += n
+        if info.shape == ():
+            return items[0]
+        arr = np.empty(count, dtype=object)
+        arr[:] = items
+        return arr.reshape(info.shape)
+
+
+def load_tf_checkpoint(prefix: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors by raw TF name. Arrays are read-only memmap views (copy to modify)."""
+    reader = TFCheckpointReader(prefix)
+    return {name: reader.get(name) for name in reader.keys()}
+
+
+def list_variables(prefix: str | os.PathLike) -> list[tuple[str, list[int]]]:
+    """(name, shape) pairs in sorted order, like `tf.train.list_variables`."""
+    reader = TFCheckpointReader(prefix)
+    return [(name, list(reader.shape_dtype(name)[0])) for name in reader.keys()]
+
+
+# ================================================================ writer
+def _to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float -> bfloat16 bits with round-to-nearest-even (TF's cast); NaN stays a quiet NaN."""
+    u = np.asarray(x, dtype="<f4", order="C").view("<u4").astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(x)
+    return np.where(nan, (u >> 16) | 0x40, rounded).astype("<u2")
+
+
+def _plan(prefix: str, name: str, value: object, override: str | None) -> tuple[int, tuple[int, ...], object]:
+    """(dtype code, shape, payload) where payload is a little-endian ndarray or a list of bytes."""
+    where = f"{prefix}: tensor {name!r}"
+    if isinstance(value, (bytes, bytearray)):
+        return DT_STRING, (), [bytes(value)]
+    if isinstance(value, np.generic):
+        value = np.asarray(value)
+    if not isinstance(value, np.ndarray):
+        raise ConversionError(f"{where}: expected numpy array or bytes, got {type(value).__name__}")
+    shape = tuple(int(d) for d in value.shape)
+    if value.dtype.kind in "OS":
+        items = [bytes(v) if isinstance(v, (bytes, bytearray, np.bytes_)) else None for v in value.reshape(-1)]
+        if any(v is None for v in items):
+            raise ConversionError(f"{where}: string tensors must hold bytes")
+        return DT_STRING, shape, items
+    if override == "bfloat16" or value.dtype.name == "bfloat16":
+        if value.dtype.name == "bfloat16":  # ml_dtypes.bfloat16: already the right bits
+            bits = np.asarray(value, order="C").view("<u2")
+        elif value.dtype.kind == "f":
+            bits = _to_bfloat16_bits(value)
+        else:
+            raise ConversionError(f"{where}: cannot store {value.dtype} as bfloat16")
+        return DT_BFLOAT16, shape, bits
+    if override is not None:
+        if override not in _CODE_BY_NAME or override == "string":
+            raise ConversionError(f"{where}: unsupported dtype override {override!r}")
+        value = value.astype(_DTYPES[_CODE_BY_NAME[override]][1])
+    code = _CODE_BY_KIND.get((value.dtype.kind, value.dtype.itemsize))
+    if code is None:
+        raise ConversionError(f"{where}: unsupported dtype {value.dtype}")
+    return code, shape, np.asarray(value, dtype=_DTYPES[code][1], order="C")  # C order, little-endian
+
+
+def _write_payload(f, payload: object, code: int) -> tuple[int, int]:
+    """Write one tensor's bytes; returns (size, masked crc32c) as stored in its entry."""
+    if code != DT_STRING:
+        flat = payload.reshape(-1).view(np.uint8)
+        crc = 0
+        for i in range(0, flat.size, _CHUNK):
+            chunk = flat[i:i + _CHUNK].tobytes()
+            crc = crc32c(chunk, crc)
+            f.write(chunk)
+        return flat.size, mask_crc(crc)
+    lens = b"".join(put_varint(len(s)) for s in payload)
+    crc = crc32c(b"".join(struct.pack("<I" if len(s) <= 0xFFFFFFFF else "<Q", len(s)) for s in payload))
+    length_crc = struct.pack("<I", mask_crc(crc))
+    crc = crc32c(length_crc, crc)
+    f.write(lens + length_crc)
+    for s in payload:
+        crc = crc32c(s, crc)
+        f.write(s)
+    return len(lens) + 4 + sum(len(s) for s in payload), mask_crc(crc)
+
+
+def write_tf_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Tensor],
+                        dtypes: Mapping[str, str] | None = None) -> None:
+    """Write a TF1-style bundle `prefix.index` + `prefix.data-00000-of-00001`.
+
+    `dtypes` optionally forces a stored TF dtype per name (e.g. {"w": "bfloat16"} rounds float
+    arrays to bfloat16 like tf.cast). Files are written under temporary names and renamed at the
+    end (data first, index last, as TF does), so a failure leaves no partial checkpoint.
+    """
+    prefix = os.fspath(prefix)
+    directory = os.path.dirname(prefix) or "."
+    if not os.path.isdir(directory):
+        raise ConversionError(f"{prefix}: output directory {directory} does not exist")
+    dtypes = dict(dtypes or {})
+    plans = []
+    for name, value in tensors.items():
+        if not isinstance(name, str) or not name or name.startswith("\x00"):
+            raise ConversionError(f"{prefix}: tensor names must be non-empty strings not starting with NUL, "
+                                  f"got {name!r}")
+        plans.append((name.encode("utf-8", "surrogateescape"), name, *_plan(prefix, name, value, dtypes.get(name))))
+    unknown = set(dtypes) - set(tensors)
+    if unknown:
+        raise ConversionError(f"{prefix}: dtype overrides for unknown tensors {sorted(unknown)}")
+    plans.sort(key=lambda p: p[0])
+    final_data, final_index = data_filename(prefix, 0, 1), prefix + ".index"
+    tag = f".tempstate{secrets.randbits(63)}"
+    tmp_data, tmp_index = final_data + tag, final_index + tag
+    renamed = False
+    try:
+        items = [(b"", proto.encode_header(num_shards=1, producer=_TENSOR_BUNDLE_VERSION))]
+        offset = 0
+        with open(tmp_data, "wb") as f:
+            for key, _name, code, shape, payload in plans:
+                size, crc = _write_payload(f, payload, code)
+                items.append((key, proto.encode_entry(code, shape, offset, size, crc)))
+                offset += size
+        with open(tmp_index, "wb") as f:
+            f.write(build_table(items))
+        os.replace(tmp_data, final_data)
+        renamed = True
+        os.replace(tmp_index, final_index)
+    except BaseException as e:
+        if renamed:  # index rename failed: do not leave a data shard without its index
+            with contextlib.suppress(OSError):
+                os.remove(final_data)
+        if not isinstance(e, OSError):
+            raise
+        raise ConversionError(f"{e.filename or prefix}: cannot write TF checkpoint: {e.strerror}") from None
+    finally:
+        for tmp in (tmp_data, tmp_index):
+            if os.path.exists(tmp):
+                os.remove(tmp)
