@@ -1,37 +1,39 @@
-"""bert_port: BERT in PyTorch with the pytorch_pretrained_bert API, plus MegEngine/TF weight converters."""
-from bert_port.config import BertConfig
-from bert_port.heads import (
-    BertForMaskedLM,
-    BertForMultipleChoice,
-    BertForNextSentencePrediction,
-    BertForPreTraining,
-    BertForQuestionAnswering,
-    BertForSequenceClassification,
-    BertForTokenClassification,
-    BertForTokenTagging,
-)
-from bert_port.model import BertModel
-from bert_port.pretrained import BertPreTrainedModel
-try:  # TEMP until tokenizer lands
-    from bert_port.tokenization import BasicTokenizer, BertTokenizer, WordpieceTokenizer
-except ImportError:
-    pass
+"""bert_port: BERT in PyTorch with the pytorch_pretrained_bert API, plus MegEngine/TF weight converters.
+
+Names are imported on first use, so that `bert_port.config` (and the converters, which need
+neither torch nor a model to convert) do not pay for importing torch.
+"""
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BasicTokenizer",
-    "BertConfig",
-    "BertForMaskedLM",
-    "BertForMultipleChoice",
-    "BertForNextSentencePrediction",
-    "BertForPreTraining",
-    "BertForQuestionAnswering",
-    "BertForSequenceClassification",
-    "BertForTokenClassification",
-    "BertForTokenTagging",
-    "BertModel",
-    "BertPreTrainedModel",
-    "BertTokenizer",
-    "WordpieceTokenizer",
-]
+_EXPORTS = {
+    "BertConfig": "bert_port.config",
+    "BertModel": "bert_port.model",
+    "BertPreTrainedModel": "bert_port.pretrained",
+    "BertTokenizer": "bert_port.tokenization",
+    "BasicTokenizer": "bert_port.tokenization",
+    "WordpieceTokenizer": "bert_port.tokenization",
+    **{name: "bert_port.heads" for name in (
+        "BertForMaskedLM", "BertForMultipleChoice", "BertForNextSentencePrediction", "BertForPreTraining",
+        "BertForQuestionAnswering", "BertForSequenceClassification", "BertForTokenClassification",
+        "BertForTokenTagging")},
+}
+_SUBMODULES = {"cache", "config", "data", "demo", "finetune", "heads", "hub", "io", "metrics", "model",
+               "optimization", "pretrained", "tokenization"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"bert_port.{name}")
+    raise AttributeError(f"module 'bert_port' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)

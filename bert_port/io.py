@@ -9,9 +9,10 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, Union
+from typing import TYPE_CHECKING, Dict, Iterator, Union
 
-import torch
+if TYPE_CHECKING:  # torch is imported where needed: the converters use this module without it
+    import torch
 
 PathLike = Union[str, os.PathLike]
 
@@ -36,11 +37,13 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
 
-def load_weights(path: PathLike) -> Dict[str, torch.Tensor]:
+def load_weights(path: PathLike) -> Dict[str, "torch.Tensor"]:
     """Load a `.safetensors` or a PyTorch `.bin` state dict; `.bin` only with `weights_only=True`.
 
     Errors name the file: a user pointed at a corrupt or hostile download must learn which one.
     """
+    import torch
+
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -60,7 +63,7 @@ def load_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     return state_dict
 
 
-def save_safetensors(state_dict: Dict[str, torch.Tensor], path: PathLike) -> None:
+def save_safetensors(state_dict: Dict[str, "torch.Tensor"], path: PathLike) -> None:
     """Write `model.safetensors` as HF writes it (metadata format=pt), atomically."""
     from safetensors.torch import save_file
 
@@ -69,7 +72,9 @@ def save_safetensors(state_dict: Dict[str, torch.Tensor], path: PathLike) -> Non
         save_file(tensors, tmp, metadata={"format": "pt"})
 
 
-def save_torch_bin(state_dict: Dict[str, torch.Tensor], path: PathLike) -> None:
+def save_torch_bin(state_dict: Dict[str, "torch.Tensor"], path: PathLike) -> None:
+    import torch
+
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         torch.save(tensors, tmp)

@@ -38,25 +38,11 @@ def load_config(config_path: PathLike, gelu: str):
     return config
 
 
-def expected_shapes(config, architecture: str, num_labels: int) -> Dict[str, tuple]:
-    """Canonical name -> shape of the model the config describes (built on the meta device: free)."""
-    import torch
-
-    import bert_port
-    from bert_port.pretrained import TIED_KEYS
-
-    cls = getattr(bert_port, architecture)
-    with torch.device("meta"):
-        model = cls(config, num_labels) if architecture == "BertForSequenceClassification" else cls(config)
-    return {("bert." + name if architecture == "BertModel" else name): tuple(tensor.shape)
-            for name, tensor in model.state_dict().items() if name not in TIED_KEYS}
-
-
 def check_against_config(source: str, config_path: PathLike, shapes: Mapping[str, tuple], config) -> str:
     """Every planned tensor must exist in the config's model with the same shape, and vice versa."""
     architecture = mapping.architecture_of(shapes)
     num_labels = shapes.get("classifier.weight", (2,))[0]
-    expected = expected_shapes(config, architecture, num_labels)
+    expected = mapping.canonical_shapes(config, architecture, num_labels)
     for name in shapes:
         if name not in expected:
             raise ConversionError(f"{source}: tensor for {name} has no place in the model {config_path} describes")

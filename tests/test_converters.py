@@ -283,3 +283,28 @@ def test_usage_errors_exit_2_and_help_explains_gelu():
     assert "gelu_new" in help_text and "tanh" in help_text
     for module in ("converters.torch2mge", "converters.torch2tf"):
         assert run_cli(module, "--help").returncode == 0
+
+
+@pytest.mark.parametrize("architecture", ["BertModel", "BertForPreTraining", "BertForMaskedLM",
+                                          "BertForNextSentencePrediction", "BertForSequenceClassification",
+                                          "BertForQuestionAnswering"])
+def test_shape_table_matches_the_models(architecture):
+    from converters.mapping import canonical_shapes
+    from bert_port.pretrained import TIED_KEYS
+    from tests.conftest import TINY
+
+    config = bp.BertConfig(**TINY)
+    with torch.device("meta"):
+        model = getattr(bp, architecture)(config, 5) if architecture == "BertForSequenceClassification" \
+            else getattr(bp, architecture)(config)
+    real = {("bert." + k if architecture == "BertModel" else k): tuple(v.shape)
+            for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    assert canonical_shapes(config, architecture, 5) == real
+
+
+def test_converting_needs_no_torch(tmp_path):
+    code = ("import sys; from converters.tf2torch import convert; "
+            f"convert({str(TF / 'tf1/bert_model.ckpt')!r}, {str(TF / 'bert_config.json')!r}, {str(tmp_path / 'o')!r}); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
