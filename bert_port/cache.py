@@ -1,0 +1,327 @@
+"""The on-disk cache of converted pretrained models, and `python -m bert_port.cache`.
+
+Layout under the cache root (`BERT_PORT_CACHE`, default ~/.cache/bert_port):
+
+    <NAME>/                    a converted model: config.json, model.safetensors, vocab.txt, ...
+    <NAME>/bert_port_manifest.json   size, mtime and sha256 of every file; written LAST
+    <NAME>.lock                held (fcntl.flock) by the one process filling <NAME>
+    downloads/<NAME>/          hub files being fetched (`*.part` resumes); removed after conversion
+    .<NAME>.*.tmp/             a conversion in progress (a killed one is swept by the next run)
+
+An entry counts as complete only if its manifest exists and every file it lists has the recorded
+size. A file whose mtime changed since is re-hashed before it is trusted, so an edited or
+truncated file is caught on load at the cost of one stat per file; `verify` re-hashes everything.
+Locking uses fcntl.flock: POSIX only, and the kernel drops the lock when its holder dies, so a
+killed process never leaves a stale lock behind (not reliable on some network file systems).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "bert_port_manifest.json"
+DOWNLOADS = "downloads"
+FORMAT = 1
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(path: Path, sha256: Optional[str] = None) -> Dict[str, object]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256 or sha256_file(path)}
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or directory to disk, so that a rename after it is never seen before the data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Temp file + fsync + os.replace: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_manifest(entry: Path, name: str, source: dict) -> None:
+    """Record every file of `entry` (hashing each), then write the manifest: the completion mark."""
+    files = {
+        p.relative_to(entry).as_posix(): file_record(p)
+        for p in sorted(entry.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    for rel in files:
+        fsync_path(entry / rel)
+    write_json_atomic(entry / MANIFEST, {"format": FORMAT, "name": name, "files": files, "source": source})
+
+
+def read_manifest(entry: Path) -> Optional[dict]:
+    try:
+        data = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
+        return None
+    return data
+
+
+def check_entry(entry: Path, *, full: bool = False) -> List[str]:
+    """Problems with a cache entry; [] means complete and intact.
+
+    Cheap by default: a stat per file, re-hashing only files whose mtime moved (then the manifest
+    is refreshed so the next check is cheap again). `full=True` re-hashes every file.
+    """
+    if not entry.is_dir():
+        return ["missing"]
+    manifest = read_manifest(entry)
+    if manifest is None:
+        return [f"incomplete (no valid {MANIFEST}: interrupted or invalidated)"]
+    problems, refreshed = [], False
+    for rel, rec in manifest["files"].items():
+        path = entry / rel
+        try:
+            st = path.stat()
+        except OSError:
+            problems.append(f"{rel}: missing")
+            continue
+        if st.st_size != rec.get("size"):
+            problems.append(f"{rel}: size {st.st_size}, expected {rec.get('size')}")
+        elif full or st.st_mtime_ns != rec.get("mtime_ns"):
+            actual = sha256_file(path)
+            if actual != rec.get("sha256"):
+                problems.append(f"{rel}: sha256 {actual}, expected {rec.get('sha256')}")
+            elif st.st_mtime_ns != rec.get("mtime_ns"):
+                rec["mtime_ns"], refreshed = st.st_mtime_ns, True
+    if refreshed and not problems:
+        with contextlib.suppress(OSError):  # a read-only cache is still usable
+            write_json_atomic(entry / MANIFEST, manifest)
+    return problems
+
+
+def invalidate(entry: Path) -> None:
+    """Mark an entry incomplete (so the next load re-fetches it), keeping the old manifest aside."""
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(entry / MANIFEST, entry / (MANIFEST + ".corrupt"))
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory by first renaming it aside, so nobody sees a half-deleted entry."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.{os.getpid()}-{time.monotonic_ns()}.trash")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def install_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place (replacing an incomplete one) and flush the rename."""
+    fsync_path(src)
+    remove_tree(dst)
+    os.replace(src, dst)
+    fsync_path(dst.parent)
+
+
+@contextlib.contextmanager
+def lock(path: Path, what: str) -> Iterator[None]:
+    """Exclusive fcntl.flock on `path` (created if needed) for the duration of the block.
+
+    The lock file itself is never deleted: unlinking it would let a waiter and a newcomer hold
+    locks on two different files at once.
+    """
+    import fcntl  # POSIX only
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("%s: another process is fetching it; waiting for %s", what, path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def sweep_temp_dirs(root: Path, name: str) -> None:
+    """Remove conversion and trash dirs left by killed runs; call only while holding `name`'s lock.
+
+    Their names are `.<name>.<token>.tmp|trash` with a dot-free token, so `a` never sweeps `a.b`'s.
+    """
+    head = f".{name}."
+    for stale in root.iterdir():
+        n = stale.name
+        for tail in (".tmp", ".trash"):
+            if n.startswith(head) and n.endswith(tail) and "." not in n[len(head):-len(tail)]:
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def tree_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def entry_names(root: Path) -> List[str]:
+    if not root.is_dir():
+        return []
+    names = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != DOWNLOADS}
+    downloads = root / DOWNLOADS
+    if downloads.is_dir():
+        names.update(p.name for p in downloads.iterdir() if p.is_dir())
+    return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def _canonical(name: str) -> str:
+    from bert_port import hub
+
+    return hub.canonical_name(name) if hub.is_known_name(name) else name
+
+
+def _cmd_list(root: Path, args: argparse.Namespace) -> int:
+    names = entry_names(root)
+    if not names:
+        print(f"(no models in {root})")
+        return 0
+    print(f"cache: {root}")
+    for name in names:
+        entry, partial = root / name, root / DOWNLOADS / name
+        if entry.is_dir():
+            problems = check_entry(entry)
+            state = "complete" if not problems else ("incomplete" if read_manifest(entry) is None else "corrupt")
+            print(f"{name:32} {human(tree_size(entry)):>10}  {state}")
+        if partial.is_dir():
+            print(f"{name:32} {human(tree_size(partial)):>10}  download in progress or interrupted")
+    return 0
+
+
+def _cmd_remove(root: Path, args: argparse.Namespace) -> int:
+    status = 0
+    for raw in args.names:
+        name = _canonical(raw)
+        entry, partial = root / name, root / DOWNLOADS / name
+        if not entry.exists() and not partial.exists():
+            print(f"error: {raw}: not in the cache {root}", file=sys.stderr)
+            status = 1
+            continue
+        with lock(root / f"{name}.lock", name):
+            size = tree_size(entry) + tree_size(partial)
+            remove_tree(entry)
+            remove_tree(partial)
+            sweep_temp_dirs(root, name)
+        with contextlib.suppress(OSError):
+            partial.parent.rmdir()  # only when no other download is left
+        print(f"removed {name} ({human(size)})")
+    return status
+
+
+def _cmd_verify(root: Path, args: argparse.Namespace) -> int:
+    names = [_canonical(n) for n in args.names] or [n for n in entry_names(root) if (root / n).is_dir()]
+    if not names:
+        print(f"(no models in {root})")
+    bad = []
+    for name in names:
+        if not (root / name).is_dir():
+            print(f"error: {name}: not in the cache {root}", file=sys.stderr)
+            return 1
+        problems = check_entry(root / name, full=True)
+        if not problems:
+            print(f"{name}: ok")
+            continue
+        print(f"{name}: CORRUPT: " + "; ".join(problems))
+        bad.append(name)
+        if (root / name).is_dir():
+            with contextlib.suppress(OSError):
+                invalidate(root / name)
+    if bad and args.fix:
+        from bert_port import hub
+
+        for name in list(bad):
+            if not hub.is_known_name(name):
+                print(f"{name}: not a registered name; left for removal (python -m bert_port.cache remove {name})")
+                continue
+            hub.resolve(name, cache_dir=root)
+            print(f"{name}: re-fetched")
+            bad.remove(name)
+    elif bad:
+        print("the next load re-fetches these (or run: python -m bert_port.cache verify --fix)")
+    return 1 if bad else 0
+
+
+def _cmd_fetch(root: Path, args: argparse.Namespace) -> int:
+    from bert_port import hub
+
+    for name in args.names:
+        print(hub.resolve(name, cache_dir=root))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bert_port.cache", description="Manage bert_port's model cache.")
+    parser.add_argument("--cache-dir", help="cache root (default: $BERT_PORT_CACHE or ~/.cache/bert_port)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="models in the cache, their size and state")
+    p = sub.add_parser("remove", help="delete cached models")
+    p.add_argument("names", nargs="+")
+    p = sub.add_parser("verify", help="re-hash cached files against their manifests")
+    p.add_argument("names", nargs="*", help="default: every cached model")
+    p.add_argument("--fix", action="store_true", help="re-download and convert corrupt models now")
+    p = sub.add_parser("fetch", help="download and convert models now (to use them offline later)")
+    p.add_argument("names", nargs="+")
+    args = parser.parse_args(argv)
+
+    from bert_port import hub
+
+    commands = {"list": _cmd_list, "remove": _cmd_remove, "verify": _cmd_verify, "fetch": _cmd_fetch}
+    try:
+        root = hub.settings(args.cache_dir).cache_dir
+        return commands[args.command](root, args)
+    except (OSError, ValueError) as e:  # HubError, ConversionError, bad names and env values
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
