@@ -1,6 +1,6 @@
 """`python -m bert_port.demo`: a MegEngine BERT token tagger, converted and run in PyTorch, offline.
 
-The package ships a tiny tagger saved by MegEngine (bert_port/data/demo/: hub-style pickle,
+The package ships a tiny tagger saved by MegEngine (bert_port/demo_data/: hub-style pickle,
 bert_config.json, vocab.txt) and what MegEngine computed for one sentence (reference.json). The
 demo converts the pickle, tokenizes the sentence, runs the model, and checks the logits against
 MegEngine's: exit 0 when they agree to 1e-5. `--model NAME` runs a hub model instead (downloaded
@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-DEMO = Path(__file__).resolve().parent / "data" / "demo"
+DEMO = Path(__file__).resolve().parent / "demo_data"
 TOLERANCE = 1e-5
 
 

@@ -22,7 +22,7 @@ from converters.mge_pickle import load_mge_pickle, save_mge_pickle
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MGE = ROOT / "tests" / "fixtures" / "mge"
-DEMO = ROOT / "bert_port" / "data" / "demo"
+DEMO = ROOT / "bert_port" / "demo_data"
 CHECK_SCRIPT = ROOT / "tools" / "fixtures" / "check_mge_load.py"
 
 
