@@ -69,8 +69,12 @@ def test_num_labels_come_back_from_saved_config(tmp_path):
 def test_state_dict_argument_overrides_the_file(tmp_path, tiny):
     tiny.bert.save_pretrained(tmp_path)
     other = bp.BertModel(bp.BertConfig(**TINY))
-    loaded = bp.BertModel.from_pretrained(tmp_path, state_dict=other.state_dict())
+    given = other.state_dict()
+    loaded = bp.BertModel.from_pretrained(tmp_path, state_dict=given)
     assert torch.equal(loaded.pooler.dense.weight, other.pooler.dense.weight)
+    with torch.no_grad():
+        loaded.pooler.dense.weight.add_(1.0)  # the caller's tensors are not the model's parameters
+    assert torch.equal(given["pooler.dense.weight"], other.pooler.dense.weight)
 
 
 def test_shape_mismatch_names_key_and_both_shapes(tmp_path, tiny):

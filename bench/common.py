@@ -1,0 +1,220 @@
+"""Shared benchmark helpers: one set of BERT-base weights in every implementation, fair timing.
+
+Rules the scripts follow (the machine is small and noisy):
+- every implementation gets the SAME weights (built once by bert_port, copied into the others),
+  and outputs are checked to agree at real tokens before anything is timed;
+- implementations are timed alternately inside one process (rep 1: A B C, rep 2: B C A, ...), after
+  warm-up, so drift and noise hit all of them alike; we report the median and min-max;
+- only ratios measured in the same run are compared.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+BASE = dict(vocab=30522, hidden=768, layers=12, heads=12, intermediate=3072, max_pos=512, types=2)
+THREADS = 2
+
+
+def setup(threads: int = THREADS) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions per case (>= 10 for headlines)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=THREADS)
+    p.add_argument("--quick", action="store_true", help="fewer cases/anchors (a smoke run)")
+    return p
+
+
+# ----------------------------------------------------------------------------- weights and models
+
+def ours_config(**overrides):
+    import bert_port as bp
+
+    b = BASE
+    kw = dict(hidden_size=b["hidden"], num_hidden_layers=b["layers"], num_attention_heads=b["heads"],
+              intermediate_size=b["intermediate"], max_position_embeddings=b["max_pos"],
+              type_vocab_size=b["types"])
+    kw.update(overrides)
+    return bp.BertConfig(b["vocab"], **kw)
+
+
+def hf_config(attn: str = "sdpa"):
+    import transformers
+
+    b = BASE
+    cfg = transformers.BertConfig(
+        vocab_size=b["vocab"], hidden_size=b["hidden"], num_hidden_layers=b["layers"],
+        num_attention_heads=b["heads"], intermediate_size=b["intermediate"], hidden_act="gelu",
+        max_position_embeddings=b["max_pos"], type_vocab_size=b["types"], layer_norm_eps=1e-12,
+    )
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def ppb_config():
+    from pytorch_pretrained_bert import modeling
+
+    b = BASE
+    return modeling.BertConfig(b["vocab"], b["hidden"], b["layers"], b["heads"], b["intermediate"],
+                               max_position_embeddings=b["max_pos"], type_vocab_size=b["types"])
+
+
+_WEIGHTS: Dict[str, torch.Tensor] = {}
+
+
+def base_weights() -> Dict[str, torch.Tensor]:
+    """BERT-base weights in canonical (ppb/HF BertModel) keys, built once per process."""
+    if not _WEIGHTS:
+        import bert_port as bp
+
+        torch.manual_seed(0)
+        model = bp.BertModel(ours_config())
+        _WEIGHTS.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return _WEIGHTS
+
+
+def _load(model: torch.nn.Module, weights: Dict[str, torch.Tensor], prefix: str = "") -> torch.nn.Module:
+    sd = {prefix + k: v.clone() for k, v in weights.items()}  # own copy: training must not share
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(prefix + "cls") and "classifier" not in k]
+    assert not missing and not unexpected, (type(model).__name__, missing, unexpected)
+    return model
+
+
+def make_model(impl: str, head: str = "base", num_labels: int = 2) -> torch.nn.Module:
+    """impl: ours | hf_sdpa | hf_eager | ppb. head: base (BertModel) or cls (sequence classification).
+
+    Returned in eval mode with the shared weights (the classifier head, if any, seeded alike).
+    """
+    weights = base_weights()
+    if impl == "ours":
+        import bert_port as bp
+
+        model = bp.BertModel(ours_config()) if head == "base" else \
+            bp.BertForSequenceClassification(ours_config(), num_labels)
+    elif impl.startswith("hf_"):
+        import transformers
+
+        cfg = hf_config(impl[3:])
+        if head == "base":
+            model = transformers.BertModel(cfg)
+        else:
+            cfg.num_labels = num_labels
+            model = transformers.BertForSequenceClassification(cfg)
+    elif impl == "ppb":
+        from pytorch_pretrained_bert import modeling
+
+        model = modeling.BertModel(ppb_config()) if head == "base" else \
+            modeling.BertForSequenceClassification(ppb_config(), num_labels)
+    else:
+        raise ValueError(impl)
+    _load(model, weights, "" if head == "base" else "bert.")
+    if head == "cls":
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=g) * 0.02)
+            model.classifier.bias.zero_()
+    return model.eval()
+
+
+def forward_fn(impl: str, model: torch.nn.Module) -> Callable:
+    """A uniform call: (ids, types, mask) -> last encoded layer (B, S, H)."""
+    if impl.startswith("hf_"):
+        return lambda i, t, m: model(input_ids=i, token_type_ids=t, attention_mask=m).last_hidden_state
+    return lambda i, t, m: model(i, t, m, output_all_encoded_layers=False)[0]
+
+
+def loss_fn(impl: str, model: torch.nn.Module) -> Callable:
+    """(ids, types, mask, labels) -> scalar sequence-classification loss."""
+    if impl.startswith("hf_"):
+        return lambda i, t, m, y: model(input_ids=i, token_type_ids=t, attention_mask=m, labels=y).loss
+    return lambda i, t, m, y: model(i, t, m, y)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_batch(batch: int, seq_len: int, lengths: Optional[Tuple[int, int]] = None, seed: int = 0):
+    """ids, token types, mask (B, S). lengths=(lo, hi): real lengths uniform in [lo, hi], padded to S."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, BASE["vocab"], (batch, seq_len), generator=g)
+    if lengths is None:
+        lens = torch.full((batch,), seq_len)
+    else:
+        lens = torch.randint(lengths[0], lengths[1] + 1, (batch,), generator=g)
+    pos = torch.arange(seq_len)
+    mask = (pos < lens[:, None]).long()
+    types = ((pos >= (lens[:, None] // 2)) & mask.bool()).long()  # sentence A then sentence B
+    return ids * mask, types, mask
+
+
+def real_tokens(mask: torch.Tensor) -> int:
+    return int(mask.sum())
+
+
+def max_diff_at_real(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    real = mask.bool()
+    return float((a.float() - b.float())[real].abs().max())
+
+
+# ----------------------------------------------------------------------------- timing
+
+def time_alternating(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2
+                     ) -> Dict[str, List[float]]:
+    """Seconds per call of each fn, calls interleaved and the order rotated every repetition."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def med(ts: Sequence[float]) -> float:
+    return statistics.median(ts)
+
+
+def fmt_ms(ts: Sequence[float]) -> str:
+    return f"{med(ts) * 1e3:.0f} ({min(ts) * 1e3:.0f}–{max(ts) * 1e3:.0f})"
+
+
+def paired_ratio(anchor: Sequence[float], ours: Sequence[float]) -> float:
+    """Median of per-repetition ratios anchor/ours (pairs measured back to back): >1 = ours faster."""
+    return statistics.median(a / o for a, o in zip(anchor, ours))
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def machine() -> str:
+    model = platform.processor() or "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{datetime.date.today()} | {model}, {os.cpu_count()} cpus, torch.set_num_threads("
+            f"{torch.get_num_threads()}) | torch {torch.__version__} | capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
