@@ -144,10 +144,8 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         return scores
 
 
-class BertForSequenceClassification(BertPreTrainedModel):
-    """Dropout + linear on the pooled output. Returns the loss, or logits (B, num_labels)."""
-
-    hf_architecture = "BertForSequenceClassification"
+class _Classifier(BertPreTrainedModel):
+    """BERT + dropout + a `classifier` Linear(H, num_labels): the sequence and token classifiers."""
 
     def __init__(self, config: BertConfig, num_labels: Optional[int] = None) -> None:
         super().__init__(config)
@@ -156,6 +154,12 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, self.num_labels)
         self.apply(self.init_bert_weights)
+
+
+class BertForSequenceClassification(_Classifier):
+    """Dropout + linear on the pooled output. Returns the loss, or logits (B, num_labels)."""
+
+    hf_architecture = "BertForSequenceClassification"
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
         _, pooled = self.bert(input_ids, token_type_ids, attention_mask, False)
@@ -187,7 +191,7 @@ class BertForMultipleChoice(BertPreTrainedModel):
         return logits
 
 
-class BertForTokenTagging(BertPreTrainedModel):
+class BertForTokenTagging(_Classifier):
     """Sequence labelling: dropout + linear over every token.
 
     With labels, the loss is the mean cross-entropy over active tokens only (attention_mask == 1)
@@ -195,14 +199,6 @@ class BertForTokenTagging(BertPreTrainedModel):
     """
 
     hf_architecture = "BertForTokenClassification"
-
-    def __init__(self, config: BertConfig, num_labels: Optional[int] = None) -> None:
-        super().__init__(config)
-        self.num_labels = _num_labels(config, num_labels)
-        self.bert = BertModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
-        self.apply(self.init_bert_weights)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False)
