@@ -1,4 +1,13 @@
-"""Readers and converters for MegEngine hub pickles and Google TF checkpoints (no MegEngine, no TF)."""
-from converters.errors import ConversionError
+"""Readers and converters for MegEngine hub pickles and Google TF checkpoints (no MegEngine, no TF).
 
-__all__ = ["ConversionError"]
+    converters.load_mge_pickle(path) -> dict[str, numpy.ndarray]   (restricted unpickler)
+    converters.load_tf_checkpoint(prefix) -> dict[str, numpy.ndarray | bytes]   (crc-verified)
+
+Both return raw source names; `converters.mapping` maps them to bert_port's keys. Every error is
+a `ConversionError` (a ValueError) naming the file and the problem.
+"""
+from converters.errors import ConversionError
+from converters.mge_pickle import load_mge_pickle
+from converters.tf_checkpoint import load_tf_checkpoint
+
+__all__ = ["ConversionError", "load_mge_pickle", "load_tf_checkpoint"]

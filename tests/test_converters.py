@@ -308,3 +308,12 @@ def test_converting_needs_no_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_public_readers():
+    import converters
+
+    assert converters.load_mge_pickle(MGE / "hub_bert.pkl")["pooler.dense.weight"].shape == (32, 32)
+    tf = converters.load_tf_checkpoint(TF / "tf1/bert_model.ckpt")
+    assert tf["cls/seq_relationship/output_weights"].shape == (2, 24) and "global_step" in tf
+    assert issubclass(converters.ConversionError, ValueError)
