@@ -132,6 +132,8 @@ class BertConfig:
         data.setdefault("layer_norm_eps", 1e-12)
         data.setdefault("pad_token_id", 0)
         data.setdefault("position_embedding_type", "absolute")
+        if data.get("hidden_act") == "gelu_tanh":  # our alias; HF knows the same function as gelu_new
+            data["hidden_act"] = "gelu_new"
         if architectures:
             data["architectures"] = list(architectures)
         return data

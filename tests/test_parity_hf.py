@@ -66,6 +66,19 @@ def test_heads_load_in_transformers_unchanged(tmp_path, ours_cls, hf_name, args)
         assert diff.abs().max() < 3 * TOL
 
 
+def test_tanh_gelu_alias_is_saved_under_hfs_name(tmp_path):
+    model = bp.BertModel(bp.BertConfig(**dict(TINY, hidden_act="gelu_tanh")))
+    scale_weights_(model)
+    model.eval().save_pretrained(tmp_path)
+    hf = transformers.BertModel.from_pretrained(tmp_path).eval()
+    assert hf.config.hidden_act == "gelu_new"
+    ids, types, mask = make_inputs()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state
+        out = model(ids, types, mask, False)[0]
+    assert (ref - out)[mask.bool()].abs().max() < TOL
+
+
 def test_save_pretrained_round_trip_is_exact(tmp_path):
     ours = tiny_model(bp.BertForPreTraining)
     ours.save_pretrained(tmp_path)
