@@ -337,14 +337,13 @@ class BertModel(BertPreTrainedModel):
         B, S = x.shape[:2]
         if attention_mask is None:
             return TokenLayout(B, S, None, None, None)
-        bias = ((1.0 - attention_mask.to(x.dtype)) * MASK_ADDER).view(B, 1, 1, S)
         if torch.compiler.is_compiling():  # reading the mask's values (and T) would break the graph
-            return TokenLayout(B, S, None, None, bias)
+            return _masked_layout(attention_mask, x)
         real = attention_mask != 0
         if bool(real.all()):
             return TokenLayout(B, S, None, None, None)
         if not skip_padding or not bool((attention_mask[real] == 1).all()):  # non-0/1 masks: as the reference
-            return TokenLayout(B, S, None, None, bias)
+            return _masked_layout(attention_mask, x)
         return TokenLayout(B, S, real.view(-1).nonzero().squeeze(1), real.sum(1).tolist(), None)
 
     def check_inputs(self, input_ids, token_type_ids, attention_mask) -> None:
@@ -370,6 +369,12 @@ class BertModel(BertPreTrainedModel):
                 )
         if token_type_ids is not None:
             _check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
+
+
+def _masked_layout(attention_mask: torch.Tensor, x: torch.Tensor) -> TokenLayout:
+    """Every position computed, padded keys masked with the reference's additive -10000."""
+    B, S = x.shape[:2]
+    return TokenLayout(B, S, None, None, ((1.0 - attention_mask.to(x.dtype)) * MASK_ADDER).view(B, 1, 1, S))
 
 
 def _check_range(name: str, t: torch.Tensor, limit: int, field: str) -> None:
