@@ -18,9 +18,15 @@ _EXPORTS = {
         "BertForMaskedLM", "BertForMultipleChoice", "BertForNextSentencePrediction", "BertForPreTraining",
         "BertForQuestionAnswering", "BertForSequenceClassification", "BertForTokenClassification",
         "BertForTokenTagging")},
+    "load_tf_weights_in_bert": "bert_port.modeling",
+    "BertAdam": "bert_port.optimization",
+    "PYTORCH_PRETRAINED_BERT_CACHE": "bert_port.file_utils",
+    "cached_path": "bert_port.file_utils",
+    "WEIGHTS_NAME": "bert_port.pretrained",
+    "CONFIG_NAME": "bert_port.pretrained",
 }
-_SUBMODULES = {"cache", "config", "data", "demo", "finetune", "heads", "hub", "io", "metrics", "model",
-               "optimization", "pretrained", "tokenization"}
+_SUBMODULES = {"cache", "config", "data", "demo", "export", "file_utils", "finetune", "heads", "hub", "io", "kernels",
+               "metrics", "model", "modeling", "optimization", "pretrained", "tokenization"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -80,7 +80,7 @@ class BertConfig:
                 f"BertConfig.hidden_size ({self.hidden_size}) is not a multiple of "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        if self.hidden_act not in ACTIVATIONS:
+        if not callable(self.hidden_act) and self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"BertConfig.hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}"
             )
@@ -109,10 +109,6 @@ class BertConfig:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{json_file}: {e}") from None
-
-    @property
-    def layer_norm_epsilon(self) -> float:
-        return float(getattr(self, "layer_norm_eps", 1e-12))
 
     def to_dict(self) -> Dict[str, Any]:
         return copy.deepcopy(self.__dict__)

@@ -46,7 +46,7 @@ def run_packaged() -> int:
     with tempfile.TemporaryDirectory(prefix="bert_port_demo.") as tmp:
         out = Path(tmp) / "model"
         convert(DEMO / "demo_tagger.pkl", DEMO / "bert_config.json", out, vocab=DEMO / "vocab.txt")
-        model = BertForTokenTagging.from_pretrained(out, num_labels=ref["num_labels"])
+        model = BertForTokenTagging.from_pretrained(out, num_labels=ref["num_labels"]).eval()
         tokenizer = BertTokenizer.from_pretrained(out, do_lower_case=True)
     print(f"sentence: {ref['sentence']}\n")
     tokens, ids, logits = tag(model, tokenizer, ref["sentence"])
@@ -66,7 +66,7 @@ def run_hub(name: str, sentence: str, num_labels: int, cache_dir: Optional[str])
     from bert_port import BertForTokenTagging, BertTokenizer
 
     torch.manual_seed(0)  # the new tagging head: the same tags on every run
-    model = BertForTokenTagging.from_pretrained(name, num_labels=num_labels, cache_dir=cache_dir)
+    model = BertForTokenTagging.from_pretrained(name, num_labels=num_labels, cache_dir=cache_dir).eval()
     tokenizer = BertTokenizer.from_pretrained(name, cache_dir=cache_dir)
     print(f"{name}: pretrained encoder + an untrained {num_labels}-tag head (no MegEngine reference)")
     print(f"sentence: {sentence}\n")

@@ -192,12 +192,12 @@ def run_predict(args, log) -> None:
     from bert_port import data as D
     from bert_port._finetune_tasks import ARCHITECTURES, no_amp
     from bert_port.config import BertConfig
-    from bert_port.pretrained import CONFIG_NAMES, _find_file
+    from bert_port.pretrained import CONFIG_NAMES, find_file
 
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise ValueError(f"{model_dir}: not a directory (predict needs a directory written by `tag` or `classify`)")
-    config = BertConfig.from_json_file(_find_file(model_dir, CONFIG_NAMES, "config"))
+    config = BertConfig.from_json_file(find_file(model_dir, CONFIG_NAMES, "config"))
     arch = (getattr(config, "architectures", None) or [None])[0]
     if arch not in ARCHITECTURES:
         raise ValueError(f"{model_dir}: architecture {arch!r} is not a fine-tuned tagger or classifier "

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bert_port.config import BertConfig
-from bert_port.model import BertModel, activation
+from bert_port import kernels
+from bert_port.model import BertLayerNorm, BertModel, activation
 from bert_port.pretrained import BertPreTrainedModel
 
 
@@ -30,30 +31,35 @@ class BertPredictionHeadTransform(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.act = activation(config.hidden_act)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.transform_act_fn = activation(config.hidden_act)
+        self.LayerNorm = BertLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.act(self.dense(x)))
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(kernels.linear(self.dense, hidden_states, act=self.transform_act_fn))
 
 
 class BertLMPredictionHead(nn.Module):
     """transform -> x @ word_embeddings^T + bias. The decoder weight IS the embedding matrix."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, bert_model_embedding_weights: nn.Parameter) -> None:
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        V, H = bert_model_embedding_weights.shape
+        self.decoder = nn.Linear(H, V, bias=False)  # built (and initialised) as the reference, then tied
+        self.decoder.weight = bert_model_embedding_weights
+        self.bias = nn.Parameter(torch.zeros(V))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(x)) + self.bias  # (..., V)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states)) + self.bias  # (..., V)
 
 
 class BertOnlyMLMHead(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, bert_model_embedding_weights: nn.Parameter) -> None:
         super().__init__()
-        self.predictions = BertLMPredictionHead(config)
+        self.predictions = BertLMPredictionHead(config, bert_model_embedding_weights)
+
+    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
+        return self.predictions(sequence_output)
 
 
 class BertOnlyNSPHead(nn.Module):
@@ -61,12 +67,18 @@ class BertOnlyNSPHead(nn.Module):
         super().__init__()
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
+    def forward(self, pooled_output: torch.Tensor) -> torch.Tensor:
+        return self.seq_relationship(pooled_output)
+
 
 class BertPreTrainingHeads(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, bert_model_embedding_weights: nn.Parameter) -> None:
         super().__init__()
-        self.predictions = BertLMPredictionHead(config)
+        self.predictions = BertLMPredictionHead(config, bert_model_embedding_weights)
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, sequence_output: torch.Tensor, pooled_output: torch.Tensor):
+        return self.predictions(sequence_output), self.seq_relationship(pooled_output)
 
 
 class _TiedMLM(BertPreTrainedModel):
@@ -92,9 +104,8 @@ class BertForPreTraining(_TiedMLM):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         self.bert = BertModel(config)
-        self.cls = BertPreTrainingHeads(config)
+        self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings.weight)
         self.apply(self.init_bert_weights)
-        self.tie_weights()
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_lm_labels=None,
                 next_sentence_label=None):
@@ -114,9 +125,8 @@ class BertForMaskedLM(_TiedMLM):
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         self.bert = BertModel(config)
-        self.cls = BertOnlyMLMHead(config)
+        self.cls = BertOnlyMLMHead(config, self.bert.embeddings.word_embeddings.weight)
         self.apply(self.init_bert_weights)
-        self.tie_weights()
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_lm_labels=None):
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False)
@@ -202,12 +212,13 @@ class BertForTokenTagging(_Classifier):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False)
+        logits = self.classifier(self.dropout(sequence_output))  # (B, S, num_labels)
         if labels is None:
-            return self.classifier(self.dropout(sequence_output))
-        active = labels.new_ones(labels.shape, dtype=torch.bool) if attention_mask is None else attention_mask == 1
-        # Only active tokens go through the classifier: the same loss, without the padding's logits.
-        logits = self.classifier(self.dropout(sequence_output[active]))  # (N, num_labels)
-        return F.cross_entropy(logits, labels[active], ignore_index=-100)
+            return logits
+        if attention_mask is None:
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        active = attention_mask.view(-1) == 1
+        return F.cross_entropy(logits.view(-1, self.num_labels)[active], labels.view(-1)[active])
 
 
 class BertForTokenClassification(BertForTokenTagging):

@@ -136,6 +136,16 @@ def known_names() -> List[str]:
     return sorted(_MODELS) + sorted(_ALIASES)
 
 
+def weights_url(name: str, hub_url: str = DEFAULT_HUB_URL) -> str:
+    """Where the hub keeps a model's weight file."""
+    model = get_model(name)
+    return f"{hub_url.rstrip('/')}/{model.name}/{model.weights}"
+
+
+def vocab_url(name: str, hub_url: str = DEFAULT_HUB_URL) -> str:
+    return f"{hub_url.rstrip('/')}/{get_model(name).name}/{VOCAB_FILE}"
+
+
 def get_model(name: str) -> HubModel:
     return _MODELS[canonical_name(name)]
 

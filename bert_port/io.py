@@ -6,9 +6,7 @@ into place, so an interrupted run never leaves a half-written file under the fin
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -44,16 +42,22 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 
 def load_weights(path: PathLike) -> Dict[str, "torch.Tensor"]:
-    """Load a `.safetensors` or a PyTorch `.bin` state dict; `.bin` only with `weights_only=True`.
+    """Load a safetensors file or a PyTorch state dict (only with `weights_only=True`), by content.
 
-    Errors name the file: a user pointed at a corrupt or hostile download must learn which one.
+    The format is read from the file's first bytes, not its name: a script that `torch.save`s
+    under any name loads. Errors name the file: a user pointed at a corrupt or hostile download
+    must learn which one.
     """
     import torch
 
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
-            return _load_safetensors(path)
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{" and not zipfile.is_zipfile(path):
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         # mmap (zero-copy, copy-on-write) needs the zip format of torch >= 1.6; older files are read.
         state_dict = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except FileNotFoundError:
@@ -68,59 +72,6 @@ def load_weights(path: PathLike) -> Dict[str, "torch.Tensor"]:
     return state_dict
 
 
-# `<p>.query.<k>`, `<p>.key.<k>`, `<p>.value.<k>`: BertSelfAttention fuses each such triple into one tensor.
-_QKV = re.compile(r"(.*)\.query\.(weight|bias)")
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def _load_safetensors(path: Path) -> Dict[str, "torch.Tensor"]:
-    """Tensors memory-mapped copy-on-write by safetensors (which validates the file), except each
-    query/key/value triple: read into consecutive row blocks of one new tensor.
-
-    BertSelfAttention adopts such a stacked tensor as its fused QKV parameter without a copy. Had
-    the triple been mapped too, fusing would copy it and leave its file pages resident beside the
-    copy: peak memory 1.2x the weights instead of 1.0x (bench/bench_load.py).
-    """
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f, open(path, "rb") as raw:
-        header = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))  # as validated by safe_open
-        data_start = raw.tell()
-        triples = _qkv_triples(header)
-        stacked = {name for triple in triples for name in triple}
-        tensors = {name: f.get_tensor(name) for name in f.keys() if name not in stacked}
-        for triple in triples:
-            info = header[triple[0]]
-            rows = info["shape"][0]
-            buffer = torch.empty([3 * rows, *info["shape"][1:]], dtype=getattr(torch, _DTYPES[info["dtype"]]))
-            for i, name in enumerate(triple):
-                tensors[name] = part = buffer[i * rows:(i + 1) * rows]
-                raw.seek(data_start + header[name]["data_offsets"][0])
-                view = memoryview(part.view(torch.uint8).numpy()).cast("B")
-                while view.nbytes:
-                    n = raw.readinto(view)
-                    if not n:
-                        raise ValueError("file is truncated")
-                    view = view[n:]
-    return tensors
-
-
-def _qkv_triples(header: dict) -> list:
-    """[query, key, value] names of each triple in a safetensors header with one dtype and shape."""
-    triples = []
-    for name in header:
-        m = _QKV.fullmatch(name)
-        if not m:
-            continue
-        triple = [f"{m.group(1)}.{part}.{m.group(2)}" for part in ("query", "key", "value")]
-        infos = [header.get(n) for n in triple]
-        if all(isinstance(i, dict) and i.get("dtype") == infos[0]["dtype"] and i.get("shape") == infos[0]["shape"]
-               for i in infos) and infos[0]["dtype"] in _DTYPES and infos[0]["shape"]:
-            triples.append(triple)
-    return triples
-
-
 def save_safetensors(state_dict: Dict[str, "torch.Tensor"], path: PathLike) -> None:
     """Write `model.safetensors` as HF writes it (metadata format=pt), atomically."""
     from safetensors.torch import save_file
@@ -128,11 +79,3 @@ def save_safetensors(state_dict: Dict[str, "torch.Tensor"], path: PathLike) -> N
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
-
-
-def save_torch_bin(state_dict: Dict[str, "torch.Tensor"], path: PathLike) -> None:
-    import torch
-
-    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
-        torch.save(tensors, tmp)

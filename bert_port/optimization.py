@@ -8,12 +8,11 @@ in ways that change results, all kept here:
   * the schedule multiplier is evaluated at the step count BEFORE the update, so with warmup
     the first update has lr 0;
   * gradient clipping happens inside `step`, PER PARAMETER TENSOR (each tensor's grad norm is
-    clipped to max_grad_norm on its own), not over the global norm. Our encoder fuses
-    query/key/value into one tensor; `bert_param_groups` marks it so that its three parts are
-    clipped separately, as the reference clips its three tensors.
+    clipped to max_grad_norm on its own), not over the global norm.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
@@ -21,57 +20,74 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+logger = logging.getLogger(__name__)
+
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")  # the usual BERT recipe's exemptions
-CLIP_PARTS = "_bert_port_clip_parts"  # attribute: clip this tensor as N equal dim-0 parts
 
 
 # --- schedules (multipliers of the base lr as a function of progress = step / t_total) -----------
-class Schedule:
-    """A learning-rate multiplier schedule; t_total < 0 means constant 1 (no schedule)."""
+class _LRSchedule:
+    """A learning-rate multiplier schedule (the reference's base class); t_total < 0: constant 1."""
 
-    def __init__(self, warmup: float = 0.002, t_total: int = -1) -> None:
+    warn_t_total = False  # schedules for which training beyond t_total is probably a mistake
+
+    def __init__(self, warmup: float = 0.002, t_total: int = -1, **kwargs) -> None:
+        if t_total < 0:
+            logger.warning("t_total value of %s results in schedule not being applied", t_total)
         if not (0.0 <= warmup < 1.0 or warmup == -1):
-            raise ValueError(f"warmup must be in [0, 1) or -1, got {warmup}")
+            raise ValueError(f"Invalid warmup: {warmup} - should be in [0.0, 1.0[ or -1")
         self.warmup = max(float(warmup), 0.0)
         self.t_total = float(t_total)
+        self.warned_for_t_total_at_progress = -1.0
 
-    def get_lr(self, step: int) -> float:
+    def get_lr(self, step: int, nowarn: bool = False) -> float:
+        """The multiplier at `step` of t_total."""
         if self.t_total < 0:
             return 1.0
-        return self.multiplier(step / self.t_total)
+        progress = float(step) / self.t_total
+        ret = self.get_lr_(progress)
+        if not nowarn and self.warn_t_total and progress > 1.0 and progress > self.warned_for_t_total_at_progress:
+            logger.warning("Training beyond specified 't_total'. Learning rate multiplier set to %s. "
+                           "Please set 't_total' of %s correctly.", ret, type(self).__name__)
+            self.warned_for_t_total_at_progress = progress
+        return ret
 
-    def multiplier(self, progress: float) -> float:
+    def get_lr_(self, progress: float) -> float:
         return 1.0
 
 
-class ConstantLR(Schedule):
+class ConstantLR(_LRSchedule):
     pass
 
 
-class WarmupConstantSchedule(Schedule):
+class WarmupConstantSchedule(_LRSchedule):
     """Linear warmup 0 -> 1, then 1."""
 
-    def multiplier(self, progress: float) -> float:
+    def get_lr_(self, progress: float) -> float:
         return progress / self.warmup if progress < self.warmup else 1.0
 
 
-class WarmupLinearSchedule(Schedule):
+class WarmupLinearSchedule(_LRSchedule):
     """Linear warmup 0 -> 1, then linear decay to 0 at t_total (and 0 after)."""
 
-    def multiplier(self, progress: float) -> float:
+    warn_t_total = True
+
+    def get_lr_(self, progress: float) -> float:
         if progress < self.warmup:
             return progress / self.warmup
-        return max((1.0 - progress) / (1.0 - self.warmup), 0.0)
+        return max((progress - 1.0) / (self.warmup - 1.0), 0.0)
 
 
-class WarmupCosineSchedule(Schedule):
+class WarmupCosineSchedule(_LRSchedule):
     """Linear warmup, then cosine decay over `cycles` (0.5: from 1 at the end of warmup to 0)."""
 
-    def __init__(self, warmup: float = 0.002, t_total: int = -1, cycles: float = 0.5) -> None:
-        super().__init__(warmup, t_total)
+    warn_t_total = True
+
+    def __init__(self, warmup: float = 0.002, t_total: int = -1, cycles: float = 0.5, **kwargs) -> None:
+        super().__init__(warmup, t_total, **kwargs)
         self.cycles = cycles
 
-    def multiplier(self, progress: float) -> float:
+    def get_lr_(self, progress: float) -> float:
         if progress < self.warmup:
             return progress / self.warmup
         after = (progress - self.warmup) / (1.0 - self.warmup)
@@ -81,16 +97,32 @@ class WarmupCosineSchedule(Schedule):
 class WarmupCosineWithHardRestartsSchedule(WarmupCosineSchedule):
     """Linear warmup, then `cycles` cosine decays from 1 to 0, each restarting at 1."""
 
-    def __init__(self, warmup: float = 0.002, t_total: int = -1, cycles: float = 1.0) -> None:
+    def __init__(self, warmup: float = 0.002, t_total: int = -1, cycles: float = 1.0, **kwargs) -> None:
         if cycles < 1.0:
             raise ValueError(f"cycles must be >= 1, got {cycles}")
-        super().__init__(warmup, t_total, cycles)
+        super().__init__(warmup, t_total, cycles, **kwargs)
 
-    def multiplier(self, progress: float) -> float:
+    def get_lr_(self, progress: float) -> float:
         if progress < self.warmup:
             return progress / self.warmup
         after = (progress - self.warmup) / (1.0 - self.warmup)
         return 0.5 * (1.0 + math.cos(math.pi * ((self.cycles * after) % 1.0)))
+
+
+class WarmupCosineWithWarmupRestartsSchedule(WarmupCosineWithHardRestartsSchedule):
+    """`cycles` equal parts, each a linear warmup (the first `warmup` of the part) and a cosine decay."""
+
+    def __init__(self, warmup: float = 0.002, t_total: int = -1, cycles: float = 1.0, **kwargs) -> None:
+        if not warmup * cycles < 1.0:
+            raise ValueError(f"warmup * cycles must be < 1, got {warmup} * {cycles}")
+        super().__init__(warmup * cycles if warmup >= 0 else warmup, t_total, cycles, **kwargs)
+
+    def get_lr_(self, progress: float) -> float:
+        progress = progress * self.cycles % 1.0
+        if progress < self.warmup:
+            return progress / self.warmup
+        after = (progress - self.warmup) / (1 - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * after))
 
 
 SCHEDULES = {
@@ -110,7 +142,7 @@ class BertAdam(Optimizer):
     """
 
     def __init__(self, params, lr: float, warmup: float = -1, t_total: int = -1,
-                 schedule: Union[str, None, Schedule] = "warmup_linear", b1: float = 0.9, b2: float = 0.999,
+                 schedule: Union[str, None, _LRSchedule] = "warmup_linear", b1: float = 0.9, b2: float = 0.999,
                  e: float = 1e-6, weight_decay: float = 0.01, max_grad_norm: float = 1.0) -> None:
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr} - should be >= 0.0")
@@ -157,7 +189,7 @@ class BertAdam(Optimizer):
                     state["next_m"] = torch.zeros_like(p)
                     state["next_v"] = torch.zeros_like(p)
                 if group["max_grad_norm"] > 0:
-                    _clip_(grad, group["max_grad_norm"], getattr(p, CLIP_PARTS, 1))
+                    _clip_(grad, group["max_grad_norm"])
                 m, v = state["next_m"], state["next_v"]
                 m.mul_(b1).add_(grad, alpha=1 - b1)
                 v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
@@ -170,24 +202,18 @@ class BertAdam(Optimizer):
         return loss
 
 
-def _clip_(grad: torch.Tensor, max_norm: float, parts: int) -> None:
-    """Scale each of `parts` dim-0 slices of `grad` to norm <= max_norm (torch's clip_grad_norm_ formula)."""
-    for piece in grad.chunk(parts, dim=0) if parts > 1 else (grad,):
-        coef = max_norm / (torch.linalg.vector_norm(piece, 2.0) + 1e-6)
-        piece.mul_(torch.clamp(coef, max=1.0))
+def _clip_(grad: torch.Tensor, max_norm: float) -> None:
+    """Scale `grad` to norm <= max_norm in place (torch's clip_grad_norm_ formula, one tensor)."""
+    coef = max_norm / (torch.linalg.vector_norm(grad, 2.0) + 1e-6)
+    grad.mul_(torch.clamp(coef, max=1.0))
 
 
 def bert_param_groups(model: nn.Module, weight_decay: float = 0.01,
                       no_decay: Iterable[str] = NO_DECAY) -> List[Dict]:
     """Two groups: weight decay on weights, none on biases and LayerNorm (the BERT recipe).
 
-    Also marks fused QKV tensors so BertAdam clips their query/key/value parts separately.
     """
     no_decay = tuple(no_decay)
-    for module in model.modules():
-        if hasattr(module, "qkv") and isinstance(module.qkv, nn.Linear):
-            for p in module.qkv.parameters():
-                setattr(p, CLIP_PARTS, 3)
     decay, plain = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -1,8 +1,10 @@
 """BertPreTrainedModel: weight init, `from_pretrained` and `save_pretrained`.
 
-Loading builds the model on the meta device (no random init of weights about to be overwritten),
-then assigns the checkpoint's tensors. Only parameters the checkpoint lacks (a new task head) are
-allocated and initialised, and that is logged, as in pytorch_pretrained_bert.
+`from_pretrained` does what pytorch_pretrained_bert 0.6.2 does: it builds the class for real
+(`__init__` runs, `init_bert_weights` draws from the global random stream exactly as the reference
+does, so a seed gives the same new-head weights and the same later data order), then copies the
+checkpoint's tensors into the parameters. Parameters the checkpoint lacks keep their init, and
+that is logged. The model comes back in train mode, as the reference's does (HF returns eval mode).
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ import torch
 from torch import nn
 
 from bert_port.config import BertConfig
+from bert_port.file_utils import BERT_CONFIG_NAME, CONFIG_NAME, SAFE_WEIGHTS_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAME
 from bert_port.io import atomic_write_text, load_weights, save_safetensors
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAMES = ("config.json", "bert_config.json")  # HF layout first, then pytorch_pretrained_bert's
-WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
+CONFIG_NAMES = (CONFIG_NAME, BERT_CONFIG_NAME)  # the reference's order of preference
+WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
 
 # Keys that alias another tensor and are never stored: the MLM decoder is the word embedding matrix
 # (HF also exposes the MLM bias as decoder.bias).
@@ -45,12 +48,18 @@ class BertPreTrainedModel(nn.Module):
         self.config = config
 
     def init_bert_weights(self, module: nn.Module) -> None:
-        """pytorch_pretrained_bert's init: N(0, initializer_range) weights, zero biases, unit LayerNorm."""
-        for name, param in module.named_parameters(recurse=False):
-            _init_parameter(module, name, param, self.config.initializer_range)
+        """The reference's init, applied with `self.apply`: N(0, initializer_range) weights of Linear
+        and Embedding layers, zero Linear biases, unit LayerNorm. Nothing else is touched."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
 
     def tie_weights(self) -> None:
-        """Re-point tied parameters after loading replaced them (heads with an MLM decoder override)."""
+        """Re-point tied parameters (heads with an MLM decoder override)."""
 
     @classmethod
     def from_pretrained(
@@ -59,27 +68,30 @@ class BertPreTrainedModel(nn.Module):
         *inputs: Any,
         state_dict: Optional[Dict[str, torch.Tensor]] = None,
         cache_dir: Optional[Union[str, os.PathLike]] = None,
+        from_tf: bool = False,
         **kwargs: Any,
     ) -> "BertPreTrainedModel":
-        """Load a directory (pytorch_pretrained_bert or HF layout) or a pretrained name.
+        """Load a directory (pytorch_pretrained_bert, HF or converter layout) or a pretrained name.
 
-        Extra arguments (e.g. `num_labels`) go to the class constructor. The model is returned in
-        eval mode, as HF does; call `.train()` to fine-tune.
+        Extra arguments (e.g. `num_labels`) go to the class constructor. `state_dict` replaces the
+        directory's weights; `from_tf=True` reads the directory's TF checkpoint (no TensorFlow
+        needed). Returned in train mode, like the reference; call `.eval()` for inference.
         """
         directory = resolve_model_dir(pretrained_model_name_or_path, cache_dir)
-        config = BertConfig.from_json_file(_find_file(directory, CONFIG_NAMES, "config"))
+        config = BertConfig.from_json_file(find_file(directory, CONFIG_NAMES, "config"))
+        model = cls(config, *inputs, **kwargs)
+        if from_tf:
+            from bert_port.modeling import load_tf_weights_in_bert
+
+            return load_tf_weights_in_bert(model, _tf_checkpoint(directory))
         if state_dict is None:
-            state_dict = load_weights(_find_file(directory, WEIGHTS_NAMES, "weights"))
-        else:  # loading assigns tensors; the caller's must not become the model's parameters
-            state_dict = {k: v.detach().clone() for k, v in state_dict.items()}
-        with torch.device("meta"), _SkipInit():
-            model = cls(config, *inputs, **kwargs)
+            state_dict = load_weights(_weights_file(directory))
         model.load_pretrained_state_dict(state_dict, source=str(directory))
-        return model.eval()
+        return model
 
     def load_pretrained_state_dict(self, state_dict: Dict[str, torch.Tensor], source: str = "state_dict") -> None:
-        """Assign checkpoint tensors by canonical name (no copy: the model takes them over);
-        initialise what the checkpoint lacks."""
+        """Copy checkpoint tensors into the parameters by canonical name (old gamma/beta names, with
+        or without the `bert.` prefix); what the checkpoint lacks keeps its init and is logged."""
         expected = {k: v for k, v in self.state_dict(keep_vars=True).items() if k not in TIED_KEYS}
         incoming = normalize_keys(state_dict, expected)
         mismatched = [
@@ -90,25 +102,14 @@ class BertPreTrainedModel(nn.Module):
             raise ValueError(f"{source}: shapes do not match the config: " + "; ".join(mismatched))
         missing = sorted(set(expected) - set(incoming))
         unexpected = sorted(set(incoming) - set(expected))
-        dtype = next(iter(expected.values())).dtype
-        usable = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in incoming.items() if k in expected}
-        self.load_state_dict(usable, strict=False, assign=True)
-        self._materialize_missing()
+        self.load_state_dict({k: v for k, v in incoming.items() if k in expected}, strict=False)
         self.tie_weights()
         if missing:
-            logger.info("Weights of %s newly initialised (not in %s): %s", type(self).__name__, source, missing)
+            logger.info("Weights of %s not initialized from pretrained model %s: %s", type(self).__name__, source,
+                        missing)
         if unexpected:
-            logger.info("Weights from %s not used by %s: %s", source, type(self).__name__, unexpected)
+            logger.info("Weights from %s not used in %s: %s", source, type(self).__name__, unexpected)
         self.missing_keys, self.unexpected_keys = missing, unexpected
-
-    def _materialize_missing(self) -> None:
-        std = self.config.initializer_range
-        for module in self.modules():
-            for name, param in list(module.named_parameters(recurse=False)):
-                if param.is_meta:
-                    new = nn.Parameter(torch.empty(param.shape, dtype=param.dtype), param.requires_grad)
-                    setattr(module, name, new)
-                    _init_parameter(module, name, new, std)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
         """Write `config.json` + `model.safetensors`, loadable by bert_port and HF transformers."""
@@ -117,7 +118,7 @@ class BertPreTrainedModel(nn.Module):
             raise ValueError(f"{save_directory}: exists and is not a directory")
         save_directory.mkdir(parents=True, exist_ok=True)
         weights = {k: v for k, v in self.state_dict().items() if k not in TIED_KEYS}
-        save_safetensors(weights, save_directory / "model.safetensors")
+        save_safetensors(weights, save_directory / SAFE_WEIGHTS_NAME)
         config = self.config.to_hf_dict([self.hf_architecture] if self.hf_architecture else None)
         num_labels = getattr(self, "num_labels", None)
         if num_labels is not None:
@@ -125,32 +126,7 @@ class BertPreTrainedModel(nn.Module):
             if not isinstance(id2label, dict) or len(id2label) != num_labels:
                 config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
                 config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
-        atomic_write_text(save_directory / "config.json", BertConfig.from_dict(config).to_json_string())
-
-
-class _SkipInit(torch.overrides.TorchFunctionMode):
-    """Skip `torch.nn.init` calls (the modules' reset_parameters) while building a skeleton.
-
-    On the meta device they compute nothing, but they route through torch._refs, whose first use
-    imports torch._dynamo: 1.5 s of a 2 s `from_pretrained`.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__module__", None) == "torch.nn.init":
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **(kwargs or {}))
-
-
-def _init_parameter(module: nn.Module, name: str, param: torch.Tensor, std: float) -> None:
-    if param.is_meta:  # from_pretrained's skeleton (see _SkipInit)
-        return
-    with torch.no_grad():
-        if isinstance(module, nn.LayerNorm):
-            param.fill_(1.0 if name == "weight" else 0.0)
-        elif name == "weight" or param.dim() > 1:
-            param.normal_(mean=0.0, std=std)
-        else:
-            param.zero_()
+        atomic_write_text(save_directory / CONFIG_NAME, BertConfig.from_dict(config).to_json_string())
 
 
 def normalize_keys(state_dict: Dict[str, torch.Tensor], expected: Dict[str, Any]) -> Dict[str, torch.Tensor]:
@@ -194,7 +170,24 @@ def resolve_model_dir(name_or_path: Union[str, os.PathLike], cache_dir=None) -> 
     )
 
 
-def _find_file(directory: Path, names, what: str) -> Path:
+def _weights_file(directory: Path) -> Path:
+    """The newest of the directory's weight files: a script that re-saves `pytorch_model.bin` beside
+    an older `model.safetensors` (or the other way round) gets what it saved last."""
+    found = [directory / n for n in WEIGHTS_NAMES if (directory / n).is_file()]
+    if not found:
+        raise ValueError(f"{directory}: no weights file found (looked for {', '.join(WEIGHTS_NAMES)})")
+    return max(found, key=lambda p: p.stat().st_mtime_ns)
+
+
+def _tf_checkpoint(directory: Path) -> Path:
+    """The reference's `model.ckpt`, or Google's `bert_model.ckpt`, in `directory`."""
+    for prefix in (TF_WEIGHTS_NAME, "bert_model.ckpt"):
+        if (directory / (prefix + ".index")).is_file():
+            return directory / prefix
+    raise ValueError(f"{directory}: no TF checkpoint found (looked for model.ckpt.index, bert_model.ckpt.index)")
+
+
+def find_file(directory: Path, names, what: str) -> Path:
     for name in names:
         if (directory / name).is_file():
             return directory / name

@@ -47,6 +47,17 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 logger = logging.getLogger(__name__)
 
 VOCAB_NAME = "vocab.txt"
+
+
+def _vocab_maps() -> Tuple[Dict[str, str], Dict[str, int]]:
+    from bert_port import hub
+
+    names = hub.known_names()
+    return {n: hub.vocab_url(n) for n in names}, {n: 512 for n in names}
+
+
+# pytorch_pretrained_bert's tables, for our pretrained names: vocab URL and the models' max positions.
+PRETRAINED_VOCAB_ARCHIVE_MAP, PRETRAINED_VOCAB_POSITIONAL_EMBEDDINGS_SIZE_MAP = _vocab_maps()
 SPECIAL_TOKENS = ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")
 PathLike = Union[str, os.PathLike]
 
@@ -506,6 +517,8 @@ class BertTokenizer:
         if do_lower_case is None:
             do_lower_case = bool(config.get("do_lower_case", True))
         limit = config.get("model_max_length")
+        if limit is None and str(pretrained_model_name_or_path) in PRETRAINED_VOCAB_POSITIONAL_EMBEDDINGS_SIZE_MAP:
+            limit = PRETRAINED_VOCAB_POSITIONAL_EMBEDDINGS_SIZE_MAP[str(pretrained_model_name_or_path)]
         if "max_len" not in kwargs and not inputs and isinstance(limit, int) and 0 < limit < 1e9:
             kwargs["max_len"] = limit
         return cls(vocab_file, do_lower_case, *inputs, **kwargs)
@@ -521,17 +534,12 @@ def _resolve_vocab(name_or_path: PathLike, cache_dir: Optional[PathLike]) -> str
         if not os.path.isfile(vocab_file):
             raise ValueError(f"{path}: directory has no {VOCAB_NAME}")
         return vocab_file
-    try:  # pretrained names: resolved (downloaded, cached) by the hub module, imported only now
-        from bert_port import hub
-    except ImportError:
-        hub = None
-    resolver = getattr(hub, "resolve_vocab", None)
-    if resolver is not None:
-        return os.fspath(resolver(path, cache_dir))
-    if hub is not None and hasattr(hub, "is_known_name") and hub.is_known_name(path):
-        return os.path.join(hub.resolve(path, cache_dir=cache_dir), VOCAB_NAME)  # a converted model's directory
-    raise ValueError(f"{path}: not a vocabulary file, nor a directory holding {VOCAB_NAME}"
-                     + ("" if hub else ", and no pretrained-name resolver (bert_port.hub) is available"))
+    from bert_port import hub  # pretrained names: resolved (downloaded, cached) by the hub, imported only now
+
+    if hub.is_known_name(path):
+        return os.fspath(hub.resolve_vocab(path, cache_dir))
+    raise ValueError(f"{path}: not a vocabulary file, nor a directory holding {VOCAB_NAME}, "
+                     "nor a known pretrained name")
 
 
 def _tokenizer_config(directory: str) -> dict:
@@ -541,3 +549,11 @@ def _tokenizer_config(directory: str) -> dict:
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+def __getattr__(name: str):
+    if name == "cached_path":  # the reference's tokenization module imports it; so may scripts
+        from bert_port.file_utils import cached_path
+
+        return cached_path
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

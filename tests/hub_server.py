@@ -256,7 +256,7 @@ def forward(net) -> Dict[str, "np.ndarray"]:  # noqa: F821
 def run_model(directory_or_name, **kw) -> Dict[str, "np.ndarray"]:  # noqa: F821
     from bert_port import BertModel
 
-    return forward(BertModel.from_pretrained(directory_or_name, **kw))
+    return forward(BertModel.from_pretrained(directory_or_name, **kw).eval())
 
 
 def assert_matches_megengine(outputs) -> None:

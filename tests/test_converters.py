@@ -42,7 +42,7 @@ def tf_inputs():
 def test_tf_checkpoint_reproduces_tensorflow(tmp_path, prefix):
     summary = tf_to_torch(TF / prefix, TF / "bert_config.json", tmp_path / "out")
     assert summary["architecture"] == "BertForPreTraining" and not summary["unknown"]
-    model = bp.BertForPreTraining.from_pretrained(tmp_path / "out")
+    model = bp.BertForPreTraining.from_pretrained(tmp_path / "out").eval()
     rec, ids, types, mask = tf_inputs()
     with torch.no_grad():
         layers, pooled = model.bert(ids, types, mask)
@@ -63,7 +63,7 @@ def test_tf1_optimizer_slots_are_skipped_and_counted(tmp_path):
 
 def test_tf2_encoder_naming(tmp_path):
     tf_to_torch(TF / "tf2_encoder/ckpt-1", TF / "bert_config.json", tmp_path / "out")
-    model = bp.BertModel.from_pretrained(tmp_path / "out")
+    model = bp.BertModel.from_pretrained(tmp_path / "out").eval()
     rec, ids, types, mask = tf_inputs()
     with torch.no_grad():
         layers, pooled = model(ids, types, mask)
@@ -75,7 +75,7 @@ def test_tf2_encoder_naming(tmp_path):
 def test_exact_gelu_is_opt_in_and_visible(tmp_path):
     tf_to_torch(TF / "tf1/bert_model.ckpt", TF / "bert_config.json", tmp_path / "erf", gelu="erf")
     assert json.loads((tmp_path / "erf/config.json").read_text())["hidden_act"] == "gelu"
-    model = bp.BertModel.from_pretrained(tmp_path / "erf")
+    model = bp.BertModel.from_pretrained(tmp_path / "erf").eval()
     rec, ids, types, mask = tf_inputs()
     with torch.no_grad():
         last = model(ids, types, mask, False)[0]
@@ -117,7 +117,7 @@ def test_mge_hub_pickle_reproduces_megengine(tmp_path, pkl):
         pytest.skip(f"{pkl} not generated")
     summary = mge_to_torch(MGE / pkl, MGE / "bert_config.json", tmp_path / "out")
     assert summary["architecture"] == "BertModel" and summary["tensors_converted"] == 39
-    model = bp.BertModel.from_pretrained(tmp_path / "out")
+    model = bp.BertModel.from_pretrained(tmp_path / "out").eval()
     rec, ids, types, mask = mge_inputs()
     with torch.no_grad():
         layers, pooled = model(ids, types, mask)
@@ -129,7 +129,7 @@ def test_mge_hub_pickle_reproduces_megengine(tmp_path, pkl):
 def test_mge_classifier_reproduces_megengine(tmp_path):
     summary = mge_to_torch(MGE / "cls_bert.pkl", MGE / "bert_config.json", tmp_path / "out")
     assert summary["architecture"] == "BertForSequenceClassification"
-    model = bp.BertForSequenceClassification.from_pretrained(tmp_path / "out")
+    model = bp.BertForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert model.num_labels == 3
     rec, ids, types, mask = mge_inputs()
     with torch.no_grad():

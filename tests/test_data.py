@@ -167,7 +167,7 @@ def test_label_map_round_trips_through_save_pretrained(tmp_path):
     model = BertForTokenTagging(config, num_labels=len(labels))
     D.attach_label_map(model.config, labels)
     model.save_pretrained(tmp_path)
-    loaded = BertForTokenTagging.from_pretrained(tmp_path)
+    loaded = BertForTokenTagging.from_pretrained(tmp_path).eval()
     assert loaded.num_labels == 4
     assert D.label_map_from_config(loaded.config) == labels
     assert loaded.config.label2id == {"O": 0, "B-LOC": 1, "B-PER": 2, "I-PER": 3}

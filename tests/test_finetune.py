@@ -168,7 +168,7 @@ def test_tag_train_save_predict(tiny, tmp_path, capsys):
         assert (out / "training.png").stat().st_size > 1000
     else:
         assert any("matplotlib is not installed" in line for line in err)
-    model = BertForTokenTagging.from_pretrained(out)
+    model = BertForTokenTagging.from_pretrained(out).eval()
     labels = D.label_map_from_config(model.config)
     assert labels[0] == "O" and set(labels) == {"O"} | {f"{p}-{t}" for p in "BI" for t in ("PER", "LOC", "ORG", "DATE")}
     assert model.num_labels == len(labels)
@@ -206,7 +206,7 @@ def test_classify_train_and_predict(tiny, tmp_path, capsys):
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"accuracy", "f1", "precision", "recall"} <= set(metrics["best"])
-    model = BertForSequenceClassification.from_pretrained(out)
+    model = BertForSequenceClassification.from_pretrained(out).eval()
     assert D.label_map_from_config(model.config) == ["0", "1"]
     assert finetune.main(["predict", "--model", str(out), "--input", str(tiny["dev_tsv"])]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -242,7 +242,7 @@ def test_torchrun_two_ranks_equal_one_process_with_double_batch(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
 
     weights = {k: load_file(str(v / "model.safetensors")) for k, v in outs.items()}
-    start = BertModel.from_pretrained(tiny["model"]).state_dict()
+    start = BertModel.from_pretrained(tiny["model"]).eval().state_dict()
     moved = max((weights["single"]["bert." + k] - v).abs().max().item() for k, v in start.items()
                 if "pooler" not in k)
     assert moved > 1e-3  # training changed the weights: the comparison below means something
@@ -276,7 +276,7 @@ def test_minilm_learns_ner_on_held_out_entities(minilm_dir, tmp_path):
     assert f1 >= 0.90
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
 
-    model = BertForTokenTagging.from_pretrained(out)  # the saved directory loads on its own
+    model = BertForTokenTagging.from_pretrained(out).eval()  # the saved directory loads on its own
     assert D.label_map_from_config(model.config)[0] == "O"
     pred = tmp_path / "pred.txt"
     r = run_cli("predict", "--model", out, "--input", paths["dev"], "--output", pred, "--max-seq-length", 40)

@@ -35,7 +35,7 @@ def test_ppb_layout_with_old_gamma_beta_names(tmp_path, tiny):
         return k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
 
     write_ppb_layout(tiny, tmp_path / "m", old)
-    loaded = bp.BertForPreTraining.from_pretrained(tmp_path / "m")
+    loaded = bp.BertForPreTraining.from_pretrained(tmp_path / "m").eval()
     assert not loaded.missing_keys and not loaded.unexpected_keys
     ids, types, mask = make_inputs()
     assert torch.equal(outputs(loaded.bert, ids, types, mask), outputs(tiny.bert, ids, types, mask))
@@ -43,10 +43,10 @@ def test_ppb_layout_with_old_gamma_beta_names(tmp_path, tiny):
 
 def test_prefix_is_added_and_stripped(tmp_path, tiny):
     write_ppb_layout(tiny, tmp_path / "heads")
-    base = bp.BertModel.from_pretrained(tmp_path / "heads")  # `bert.` keys into BertModel
+    base = bp.BertModel.from_pretrained(tmp_path / "heads").eval()  # `bert.` keys into BertModel
     assert not base.missing_keys and {k.split(".")[0] for k in base.unexpected_keys} == {"cls"}
     tiny.bert.save_pretrained(tmp_path / "base")  # unprefixed keys into a head model
-    tagger = bp.BertForTokenTagging.from_pretrained(tmp_path / "base", num_labels=3)
+    tagger = bp.BertForTokenTagging.from_pretrained(tmp_path / "base", num_labels=3).eval()
     assert tagger.missing_keys == ["classifier.bias", "classifier.weight"]
     assert tagger.classifier.weight.std() < 0.05 and torch.all(tagger.classifier.bias == 0)  # fresh init
     ids, types, mask = make_inputs()
@@ -56,21 +56,21 @@ def test_prefix_is_added_and_stripped(tmp_path, tiny):
 def test_new_head_is_logged(tmp_path, tiny, caplog):
     tiny.bert.save_pretrained(tmp_path)
     with caplog.at_level(logging.INFO, logger="bert_port"):
-        bp.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=4)
-    assert "newly initialised" in caplog.text and "classifier.weight" in caplog.text
+        bp.BertForSequenceClassification.from_pretrained(tmp_path, num_labels=4).eval()
+    assert "not initialized from pretrained model" in caplog.text and "classifier.weight" in caplog.text
 
 
 def test_num_labels_come_back_from_saved_config(tmp_path):
     model = bp.BertForSequenceClassification(bp.BertConfig(**TINY), 5)
     model.save_pretrained(tmp_path)
-    assert bp.BertForSequenceClassification.from_pretrained(tmp_path).num_labels == 5
+    assert bp.BertForSequenceClassification.from_pretrained(tmp_path).eval().num_labels == 5
 
 
 def test_state_dict_argument_overrides_the_file(tmp_path, tiny):
     tiny.bert.save_pretrained(tmp_path)
     other = bp.BertModel(bp.BertConfig(**TINY))
     given = other.state_dict()
-    loaded = bp.BertModel.from_pretrained(tmp_path, state_dict=given)
+    loaded = bp.BertModel.from_pretrained(tmp_path, state_dict=given).eval()
     assert torch.equal(loaded.pooler.dense.weight, other.pooler.dense.weight)
     with torch.no_grad():
         loaded.pooler.dense.weight.add_(1.0)  # the caller's tensors are not the model's parameters
@@ -83,20 +83,20 @@ def test_shape_mismatch_names_key_and_both_shapes(tmp_path, tiny):
     cfg["vocab_size"] = 120
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"embeddings\.word_embeddings\.weight: checkpoint \(99, 32\) vs model \(120, 32\)"):
-        bp.BertModel.from_pretrained(tmp_path)
+        bp.BertModel.from_pretrained(tmp_path).eval()
 
 
 def test_directory_without_files_lists_what_was_looked_for(tmp_path):
     with pytest.raises(ValueError, match="config.json, bert_config.json"):
-        bp.BertModel.from_pretrained(tmp_path)
+        bp.BertModel.from_pretrained(tmp_path).eval()
     (tmp_path / "config.json").write_text(json.dumps(bp.BertConfig(**TINY).to_dict()))
     with pytest.raises(ValueError, match="model.safetensors, pytorch_model.bin"):
-        bp.BertModel.from_pretrained(tmp_path)
+        bp.BertModel.from_pretrained(tmp_path).eval()
 
 
 def test_unknown_name_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no such directory and not a known pretrained name"):
-        bp.BertModel.from_pretrained(str(tmp_path / "nope"))
+        bp.BertModel.from_pretrained(str(tmp_path / "nope")).eval()
 
 
 class _Boom:
@@ -110,7 +110,7 @@ def test_hostile_pytorch_model_bin_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(bp.BertConfig(**TINY).to_dict()))
     torch.save({"embeddings.word_embeddings.weight": _Boom()}, tmp_path / "pytorch_model.bin", pickle_module=pickle)
     with pytest.raises(ValueError, match="pytorch_model.bin: cannot load weights"):
-        bp.BertModel.from_pretrained(tmp_path)
+        bp.BertModel.from_pretrained(tmp_path).eval()
     assert not _Boom.sentinel.exists()
 
 

@@ -82,7 +82,7 @@ def test_tanh_gelu_alias_is_saved_under_hfs_name(tmp_path):
 def test_save_pretrained_round_trip_is_exact(tmp_path):
     ours = tiny_model(bp.BertForPreTraining)
     ours.save_pretrained(tmp_path)
-    back = bp.BertForPreTraining.from_pretrained(tmp_path)
+    back = bp.BertForPreTraining.from_pretrained(tmp_path).eval()
     assert not back.missing_keys and not back.unexpected_keys
     for (k, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), k
@@ -93,7 +93,7 @@ def test_real_minilm_weights_match_transformers(minilm_dir):
     tokenizer = transformers.BertTokenizerFast(str(minilm_dir / "vocab.txt"), do_lower_case=True)
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     hf = transformers.BertModel.from_pretrained(minilm_dir).eval()
-    ours = bp.BertModel.from_pretrained(minilm_dir)
+    ours = bp.BertModel.from_pretrained(minilm_dir).eval()
     assert not ours.missing_keys
     with torch.no_grad():
         ref = hf(**batch)
