@@ -8,6 +8,7 @@ the converters use it without torch.
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 from typing import BinaryIO, Union
@@ -69,3 +70,13 @@ def read_regular(path: PathLike, max_bytes: int, what: str = "file") -> bytes:
 
 def read_text(path: PathLike, max_bytes: int, what: str = "file") -> str:
     return read_regular(path, max_bytes, what).decode("utf-8")
+
+
+def load_json(path: PathLike, max_bytes: int = MAX_JSON_BYTES, what: str = "JSON file") -> object:
+    """Parse a small JSON file: OSError (incl. NotARegularFile) for the file, ValueError for its
+    content (bad UTF-8, bad JSON, nesting deep enough to exhaust the recursion limit)."""
+    data = read_regular(path, max_bytes, what)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError as e:
+        raise ValueError(f"{os.fspath(path)}: {what} is nested too deeply") from e
