@@ -22,26 +22,55 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Dict, Iterator, List, Optional, Sequence
+
+from bert_port._files import MiB, load_json, open_regular
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "bert_port_manifest.json"
 DOWNLOADS = "downloads"
 FORMAT = 1
+MAX_MANIFEST_BYTES = 1 * MiB  # a model's manifest is < 2 KiB
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 def sha256_file(path: Path) -> str:
+    """sha256 of a regular file (a FIFO or device is refused, not read forever)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, None) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def entry_path(root: Path, name: str) -> Path:
+    """`root / name` for a cache entry name, refusing anything that could leave the root:
+    separators, `..`, absolute paths, hidden names, the downloads folder."""
+    if (not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name
+            or name == DOWNLOADS or name.endswith(".lock")):
+        from bert_port.hub import HubError
+
+        raise HubError(f"{name!r}: not a valid cache entry name (letters, digits, '.', '_', '-'; "
+                       "no path separators or '..')")
+    return root / name
+
+
+def manifest_file_path(entry: Path, rel: object) -> Optional[Path]:
+    """The file a manifest lists, or None if `rel` is not a plain relative path inside the entry."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+        return None
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or not parts or any(p in ("", ".", "..") for p in parts):
+        return None
+    return entry.joinpath(*parts)
 
 
 def file_record(path: Path, sha256: Optional[str] = None) -> Dict[str, object]:
@@ -87,8 +116,8 @@ def write_manifest(entry: Path, name: str, source: dict) -> None:
 
 def read_manifest(entry: Path) -> Optional[dict]:
     try:
-        data = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = load_json(entry / MANIFEST, MAX_MANIFEST_BYTES, "cache manifest")
+    except (OSError, ValueError):  # missing, a FIFO/device, too big, not JSON
         return None
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
         return None
@@ -108,16 +137,26 @@ def check_entry(entry: Path, *, full: bool = False) -> List[str]:
         return [f"incomplete (no valid {MANIFEST}: interrupted or invalidated)"]
     problems, refreshed = [], False
     for rel, rec in manifest["files"].items():
-        path = entry / rel
+        path = manifest_file_path(entry, rel)
+        if path is None or not isinstance(rec, dict):
+            problems.append(f"manifest lists {ascii(rel)[:200]}, not a relative path inside the entry")
+            continue
         try:
-            st = path.stat()
+            st = path.lstat()
         except OSError:
             problems.append(f"{rel}: missing")
+            continue
+        if not stat.S_ISREG(st.st_mode):  # a symlink, FIFO or device: never ours, never hashed
+            problems.append(f"{rel}: not a regular file")
             continue
         if st.st_size != rec.get("size"):
             problems.append(f"{rel}: size {st.st_size}, expected {rec.get('size')}")
         elif full or st.st_mtime_ns != rec.get("mtime_ns"):
-            actual = sha256_file(path)
+            try:
+                actual = sha256_file(path)
+            except OSError as e:
+                problems.append(f"{rel}: cannot read ({e.strerror or e})")
+                continue
             if actual != rec.get("sha256"):
                 problems.append(f"{rel}: sha256 {actual}, expected {rec.get('sha256')}")
             elif st.st_mtime_ns != rec.get("mtime_ns"):
@@ -135,7 +174,11 @@ def invalidate(entry: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a directory by first renaming it aside, so nobody sees a half-deleted entry."""
+    """Delete a directory by first renaming it aside, so nobody sees a half-deleted entry.
+    A symlink is removed itself, never what it points to."""
+    if path.is_symlink():
+        path.unlink()
+        return
     if not path.exists():
         return
     trash = path.with_name(f".{path.name}.{os.getpid()}-{time.monotonic_ns()}.trash")
@@ -187,7 +230,17 @@ def sweep_temp_dirs(root: Path, name: str) -> None:
 
 
 def tree_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+    """Bytes of the regular files under `path`, following no symlinks."""
+    if path.is_symlink() or not path.is_dir():
+        return 0
+    total = 0
+    for top, _dirs, files in os.walk(path):  # os.walk does not follow symlinked directories
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(top, name))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total
 
 
 def human(n: float) -> str:
@@ -238,7 +291,7 @@ def _cmd_remove(root: Path, args: argparse.Namespace) -> int:
     status = 0
     for raw in args.names:
         name = _canonical(raw)
-        entry, partial = root / name, root / DOWNLOADS / name
+        entry, partial = entry_path(root, name), entry_path(root / DOWNLOADS, name)
         if not entry.exists() and not partial.exists():
             print(f"error: {raw}: not in the cache {root}", file=sys.stderr)
             status = 1
@@ -256,6 +309,8 @@ def _cmd_remove(root: Path, args: argparse.Namespace) -> int:
 
 def _cmd_verify(root: Path, args: argparse.Namespace) -> int:
     names = [_canonical(n) for n in args.names] or [n for n in entry_names(root) if (root / n).is_dir()]
+    for name in names:  # all names checked before anything is touched
+        entry_path(root, name)
     if not names:
         print(f"(no models in {root})")
     bad = []

@@ -25,6 +25,30 @@ ACTIVATIONS = {
 }
 
 
+# Upper bounds (SECURITY.md "Limits"): far above every published BERT (BERT-large: V 30522, H 1024,
+# L 24, I 4096; mBERT V 119547; Megatron-BERT 3.9B: H 2560, L 48), far below what makes a config
+# file cost minutes and gigabytes (num_hidden_layers 20000). The parameter cap bounds the product.
+LIMITS = {
+    "vocab_size": 1 << 20,
+    "hidden_size": 1 << 14,
+    "num_hidden_layers": 256,
+    "num_attention_heads": 1 << 10,
+    "intermediate_size": 1 << 17,
+    "max_position_embeddings": 1 << 17,
+    "type_vocab_size": 1 << 12,
+}
+MAX_PARAMETERS = 1 << 32  # 16 GiB of float32 weights
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def parameter_count(c: "BertConfig") -> int:
+    """Parameters of BertModel (embeddings, encoder, pooler) for this config; no heads."""
+    H, I, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    embeddings = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * H + 2 * H
+    layer = 4 * H * H + 4 * H + 2 * H * I + I + H + 4 * H
+    return embeddings + L * layer + H * H + H
+
+
 class BertConfig:
     """Hyper-parameters of a BERT model (pytorch_pretrained_bert signature)."""
 
@@ -74,15 +98,22 @@ class BertConfig:
                      "intermediate_size", "max_position_embeddings", "type_vocab_size"):
             value = getattr(self, name, None)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"BertConfig.{name} must be a positive int, got {value!r}")
+                raise ValueError(f"BertConfig.{name} must be a positive int, got {value!r:.100}")
+            if value > LIMITS[name]:
+                raise ValueError(f"BertConfig.{name} = {value} is above the limit of {LIMITS[name]} "
+                                 "(see SECURITY.md)")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"BertConfig.hidden_size ({self.hidden_size}) is not a multiple of "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
-        if not callable(self.hidden_act) and self.hidden_act not in ACTIVATIONS:
+        params = parameter_count(self)
+        if params > MAX_PARAMETERS:
+            raise ValueError(f"BertConfig describes a model of {params:,} parameters, above the limit of "
+                             f"{MAX_PARAMETERS:,} (see SECURITY.md)")
+        if not callable(self.hidden_act) and (not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS):
             raise ValueError(
-                f"BertConfig.hidden_act {self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}"
+                f"BertConfig.hidden_act {self.hidden_act!r:.100} is not supported; use one of {sorted(ACTIVATIONS)}"
             )
 
     @classmethod
@@ -91,24 +122,27 @@ class BertConfig:
         data = dict(json_object)
         vocab_size = data.pop("vocab_size", None)
         if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-            raise ValueError(f"config field 'vocab_size' must be a positive int, got {vocab_size!r}")
+            raise ValueError(f"config field 'vocab_size' must be a positive int, got {vocab_size!r:.100}")
         return cls(vocab_size, **data)
 
     @classmethod
     def from_json_file(cls, json_file: Union[str, os.PathLike]) -> "BertConfig":
-        try:
-            with open(json_file, encoding="utf-8") as reader:
-                data = json.load(reader)
+        from bert_port._files import load_json
+
+        try:  # a regular file of at most 1 MiB: a FIFO or /dev/zero is refused, not read forever
+            data = load_json(json_file, MAX_CONFIG_BYTES, "config")
         except OSError as e:
-            raise ValueError(f"{json_file}: cannot read config ({e.strerror or e})") from None
+            raise ValueError(f"{json_file}: cannot read config ({e.strerror or e})") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{json_file}: not UTF-8 ({e.reason})") from e
         except json.JSONDecodeError as e:
-            raise ValueError(f"{json_file}: not valid JSON ({e})") from None
+            raise ValueError(f"{json_file}: not valid JSON ({e})") from e
         if not isinstance(data, dict):
             raise ValueError(f"{json_file}: a config must be a JSON object")
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{json_file}: {e}") from None
+            raise ValueError(f"{json_file}: {e}") from e
 
     def to_dict(self) -> Dict[str, Any]:
         return copy.deepcopy(self.__dict__)

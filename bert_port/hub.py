@@ -11,16 +11,22 @@ Settings are read from the environment at call time, so a test or a notebook can
   BERT_PORT_QUIET=1      no progress bars
   BERT_PORT_RETRIES      retries after a failed attempt (default 5)
   BERT_PORT_RETRY_DELAY  first retry delay in seconds, doubled each time (default 1)
+  BERT_PORT_DOWNLOAD_TIMEOUT  overall deadline of one file's download, retries included (default 3600 s)
+  BERT_PORT_ALLOW_HTTP=1 allow a plain-http hub URL on a non-loopback host (refused by default:
+                         no hub file has a published sha256, so only TLS authenticates it)
 Cross-process locking uses fcntl.flock, so this module is POSIX only.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import os
 import re
+import urllib.parse
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -32,6 +38,7 @@ import requests
 import urllib3
 
 from bert_port import cache
+from bert_port._files import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +49,14 @@ DEFAULT_CACHE = "~/.cache/bert_port"
 CONFIG_FILE, VOCAB_FILE = "bert_config.json", "vocab.txt"
 MAX_DELAY = 30.0
 CHUNK = 1 << 16
+DEFAULT_DOWNLOAD_TIMEOUT = 3600.0
+# Download size caps (SECURITY.md "Limits"). Weights: the float32 parameters the name's L/H imply
+# with a vocabulary of up to MAX_VOCAB rows, pretraining heads included, x1.25 + 16 MiB slack.
+MAX_VOCAB = 1 << 17  # the largest hub vocabulary (multilingual) has 119,547 rows
+MAX_CONFIG_BYTES = 64 << 10
+MAX_VOCAB_BYTES = 16 << 20  # multilingual vocab.txt: ~0.9 MiB
+MAX_WEIGHTS_BYTES = 4 << 30  # names that say nothing of their architecture
+_ARCH_RE = re.compile(r"(?:^|_)L-(\d{1,3})_H-(\d{1,5})(?:_|$)")
 
 
 class HubError(OSError):
@@ -69,6 +84,23 @@ class HubModel:
         for value in (self.name, self.weights):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value) or ".." in value:
                 raise ValueError(f"{value!r}: not a valid hub model or file name")
+
+    @property
+    def max_weights_bytes(self) -> int:
+        """Largest weights file accepted: what the L-<layers>_H-<hidden> in the name implies."""
+        m = _ARCH_RE.search(self.name)
+        if not m:
+            return MAX_WEIGHTS_BYTES
+        layers, hidden = int(m.group(1)), int(m.group(2))
+        params = layers * (12 * hidden * hidden + 13 * hidden) + (MAX_VOCAB + 1024) * hidden + 3 * hidden * hidden + MAX_VOCAB
+        return int(params * 4 * 1.25) + (16 << 20)
+
+    def max_bytes(self, file_name: str) -> int:
+        if file_name == CONFIG_FILE:
+            return MAX_CONFIG_BYTES
+        if file_name == VOCAB_FILE:
+            return MAX_VOCAB_BYTES
+        return self.max_weights_bytes
 
     @property
     def files(self) -> Tuple[Tuple[str, Optional[str]], ...]:
@@ -167,6 +199,8 @@ class Settings:
     retries: int
     retry_delay: float
     timeout: Tuple[float, float] = (10.0, 60.0)  # (connect, read) seconds
+    download_timeout: float = DEFAULT_DOWNLOAD_TIMEOUT  # one file, all attempts
+    allow_http: bool = False
 
 
 def _env_flag(var: str) -> bool:
@@ -199,7 +233,27 @@ def settings(cache_dir: Optional[PathLike] = None) -> Settings:
         quiet=_env_flag("BERT_PORT_QUIET"),
         retries=int(_env_number("BERT_PORT_RETRIES", 5, int)),
         retry_delay=_env_number("BERT_PORT_RETRY_DELAY", 1.0, float),
+        download_timeout=_env_number("BERT_PORT_DOWNLOAD_TIMEOUT", DEFAULT_DOWNLOAD_TIMEOUT, float),
+        allow_http=_env_flag("BERT_PORT_ALLOW_HTTP"),
     )
+
+
+def check_url(url: str, allow_http: bool = False) -> None:
+    """https anywhere; plain http only to a loopback host (a local mirror, the tests) or when
+    BERT_PORT_ALLOW_HTTP=1: no hub file has a published sha256, so TLS is all that authenticates it."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return
+    if parts.scheme != "http":
+        raise HubError(f"{url}: unsupported URL scheme {parts.scheme!r} (use https)")
+    host = (parts.hostname or "").lower()
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not (loopback or allow_http):
+        raise HubError(f"{url}: refusing plain http to {host or 'an empty host'}: nothing would authenticate the "
+                       "files (the hub publishes no sha256s); use https, or set BERT_PORT_ALLOW_HTTP=1")
 
 
 # ---------------------------------------------------------------------------------- download
@@ -209,18 +263,52 @@ class _Transient(Exception):
     """A failure worth retrying: connection trouble, a timeout, a 5xx, a short body."""
 
 
+class _Limits:
+    """Size cap and overall deadline of one `download` call."""
+
+    def __init__(self, url: str, max_bytes: Optional[int], deadline: float, deadline_s: float) -> None:
+        self.url, self.max_bytes, self.deadline, self.deadline_s = url, max_bytes, deadline, deadline_s
+
+    def check_time(self, part: "_Part") -> None:
+        if time.monotonic() > self.deadline:
+            kept = f"; {part.size} bytes kept in {part.path} to resume" if part.size else ""
+            error = HubError(f"{self.url}: download not finished within {self.deadline_s:g} s "
+                             f"(BERT_PORT_DOWNLOAD_TIMEOUT){kept}")
+            error.resumable = True
+            raise error
+
+    def check_size(self, part: "_Part", size: int, what: str) -> None:
+        if self.max_bytes is not None and size > self.max_bytes:
+            part.reset()
+            raise HubError(f"{self.url}: {what} {size} bytes, more than the {self.max_bytes}-byte limit for this "
+                           "file; the download was deleted")
+
+    def read_timeout(self, timeout):
+        """(connect, read) timeouts, the read one cut to what is left of the deadline."""
+        left = max(0.1, self.deadline - time.monotonic())
+        if isinstance(timeout, tuple):
+            return (min(timeout[0], left), min(timeout[1], left))
+        return min(timeout, left) if timeout is not None else left
+
+
 class _Part:
     """The `.part` file being filled, with the sha256 of the bytes it holds so far."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: Optional[int] = None) -> None:
         self.path = path
         self.hasher = hashlib.sha256()
         self.size = 0
-        if path.exists():
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    self.hasher.update(block)
-                    self.size += len(block)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode) or (max_bytes is not None and st.st_size > max_bytes):
+            self.reset()  # not something we wrote, or past the cap: start over
+            return
+        with open_regular(path, max_bytes) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                self.hasher.update(block)
+                self.size += len(block)
 
     def reset(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -237,25 +325,33 @@ def download(
     timeout: Optional[Tuple[float, float]] = None,
     quiet: Optional[bool] = None,
     session: Optional[requests.Session] = None,
+    max_bytes: Optional[int] = None,
+    deadline_s: Optional[float] = None,
 ) -> str:
     """Fetch `url` to `dest` atomically and return its sha256.
 
     Bytes go to `dest.part` (resumed with a Range request if one is left over) and are renamed
     to `dest` only once the length and, when given, the sha256 match. Connection errors,
     timeouts and 5xx answers are retried with exponential backoff; 4xx answers are not.
+    A file larger than `max_bytes`, a body longer than its Content-Length, or a download still
+    unfinished `deadline_s` seconds (default BERT_PORT_DOWNLOAD_TIMEOUT) after the call is a HubError.
     """
     s = settings()
+    check_url(url, s.allow_http)
     retries = s.retries if retries is None else retries
     retry_delay = s.retry_delay if retry_delay is None else retry_delay
+    deadline_s = s.download_timeout if deadline_s is None else deadline_s
+    limits = _Limits(url, max_bytes, time.monotonic() + deadline_s, deadline_s)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = _Part(dest.with_name(dest.name + ".part"))
+    part = _Part(dest.with_name(dest.name + ".part"), max_bytes)
     with contextlib.ExitStack() as stack:
         if session is None:
             session = stack.enter_context(requests.Session())
         for attempt in range(retries + 1):
             try:
-                _fetch_once(session, url, part, timeout or s.timeout, s.quiet if quiet is None else quiet)
+                limits.check_time(part)
+                _fetch_once(session, url, part, timeout or s.timeout, s.quiet if quiet is None else quiet, limits)
                 break
             except _Transient as e:
                 if attempt == retries:
@@ -263,7 +359,7 @@ def download(
                     error = HubError(f"{url}: download failed after {retries + 1} attempt(s): {e}{kept}")
                     error.resumable = True
                     raise error from None
-                delay = min(retry_delay * 2 ** attempt, MAX_DELAY)
+                delay = min(retry_delay * 2 ** attempt, MAX_DELAY, max(0.0, limits.deadline - time.monotonic()))
                 logger.warning("%s: %s; retrying in %.1fs", url, e, delay)
                 time.sleep(delay)
     actual = part.hasher.hexdigest()
@@ -274,15 +370,19 @@ def download(
     return actual
 
 
-def _fetch_once(session: requests.Session, url: str, part: _Part, timeout, quiet: bool) -> None:
-    headers = {"Accept-Encoding": "identity"}  # Content-Length must count the bytes we store
+def _fetch_once(session: requests.Session, url: str, part: _Part, timeout, quiet: bool, limits: _Limits) -> None:
+    # identity: Content-Length must count the bytes we store; close: the body ends where the
+    # connection does, so a body longer than its Content-Length is seen, not silently cut
+    headers = {"Accept-Encoding": "identity", "Connection": "close"}
     if part.size:
         headers["Range"] = f"bytes={part.size}-"
     try:
-        with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        with session.get(url, headers=headers, stream=True, timeout=limits.read_timeout(timeout)) as r:
             total = _check_response(r, url, part)
+            if total is not None:
+                limits.check_size(part, total, "the server announces")
             if r.status_code != 416:  # 416 here: the part was already whole
-                _stream(r, part, total, quiet, url)
+                _stream(r, part, total, quiet, url, limits)
     except (HubError, _Transient):
         raise
     except (urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError):
@@ -331,7 +431,21 @@ def _check_response(r: requests.Response, url: str, part: _Part) -> Optional[int
     return part.size + length if length is not None else None
 
 
-def _stream(r: requests.Response, part: _Part, total: Optional[int], quiet: bool, url: str) -> None:
+def _read_to_close(r: requests.Response) -> bool:
+    """Make the response read until the server closes the connection instead of stopping at
+    Content-Length, so that extra bytes are seen (and refused) rather than dropped. Only when the
+    server said it closes (HTTP/1.0 or `Connection: close`); a kept-alive connection is read to
+    Content-Length as before."""
+    fp = getattr(r.raw, "_fp", None)  # urllib3 HTTPResponse -> http.client.HTTPResponse
+    if fp is None or not getattr(fp, "will_close", False) or getattr(fp, "chunked", False) \
+            or not hasattr(r.raw, "length_remaining") or not hasattr(fp, "length"):
+        return False
+    fp.length = None
+    r.raw.length_remaining = None
+    return True
+
+
+def _stream(r: requests.Response, part: _Part, total: Optional[int], quiet: bool, url: str, limits: _Limits) -> None:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, initial=part.size, unit="B", unit_scale=True, unit_divisor=1024,
@@ -339,9 +453,17 @@ def _stream(r: requests.Response, part: _Part, total: Optional[int], quiet: bool
     # read1 (urllib3 >= 2) hands over what has arrived, so a cut loses none of it; iter_content
     # would drop the partly filled last chunk.
     read1 = getattr(r.raw, "read1", None)
+    if read1 and total is not None:
+        _read_to_close(r)
     chunks = iter(lambda: read1(CHUNK), b"") if read1 else r.iter_content(CHUNK)
     with bar, open(part.path, "ab") as f:
         for chunk in chunks:
+            if total is not None and part.size + len(chunk) > total:
+                part.reset()
+                raise HubError(f"{url}: the server sent more than the {total} bytes its Content-Length "
+                               "announced; the download was deleted")
+            limits.check_size(part, part.size + len(chunk), "the body exceeds")
+            limits.check_time(part)
             f.write(chunk)
             part.hasher.update(chunk)
             part.size += len(chunk)
@@ -429,7 +551,8 @@ def resolve_vocab(name: str, cache_dir: Optional[PathLike] = None) -> Path:
         if not cache.check_entry(entry):
             return entry / VOCAB_FILE
         if not vocab.is_file():
-            download(f"{s.hub_url}/{model.name}/{VOCAB_FILE}", vocab, sha256=model.vocab_sha256)
+            download(f"{s.hub_url}/{model.name}/{VOCAB_FILE}", vocab, sha256=model.vocab_sha256,
+                     max_bytes=model.max_bytes(VOCAB_FILE))
         cache.write_json_atomic(tokenizer_config, {"do_lower_case": model.do_lower_case})
     return vocab
 
@@ -450,10 +573,12 @@ def _fetch_all(model: HubModel, s: Settings, downloads: Path) -> Dict[str, Dict[
     with requests.Session() as session:
         for file_name, sha in model.files:
             url, dest = f"{s.hub_url}/{model.name}/{file_name}", downloads / file_name
-            digest = cache.sha256_file(dest) if dest.is_file() else None
+            cap = model.max_bytes(file_name)
+            kept = dest.is_file() and not dest.is_symlink() and dest.stat().st_size <= cap
+            digest = cache.sha256_file(dest) if kept else None
             if digest is None or (sha is not None and digest != sha.lower()):
                 logger.info("downloading %s", url)
-                digest = download(url, dest, sha256=sha, session=session)
+                digest = download(url, dest, sha256=sha, session=session, max_bytes=cap)
             records[file_name] = {"url": url, "size": dest.stat().st_size, "sha256": digest}
     return records
 

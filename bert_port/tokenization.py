@@ -28,19 +28,21 @@ Garay capitals on Python 3.11) are lower-cased by HF's Rust std tables and left 
 Unicode tables, str.lower() then accent stripping, no special-token protection, 200-char words.
 
 Speed: text is cut into chunks (ASCII word / ASCII punctuation / any run holding non-ASCII) by
-one precompiled regex; each distinct chunk is tokenized once and cached (bounded FIFO dict).
+one precompiled regex; each distinct chunk is tokenized once and cached (a FIFO dict bounded in
+entries and in bytes; chunks longer than 256 characters are never cached).
 Non-ASCII chunks go through a per-character translation table (also cached per code point);
 the rare chunks where characters interact (canonical reordering, final sigma) take the exact path.
 """
 from __future__ import annotations
 
 import collections
+import io
 import itertools
-import json
 import logging
 import operator
 import os
 import re
+import sys
 import unicodedata
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -202,12 +204,47 @@ def _as_text(text: Union[str, bytes]) -> str:
 
 def load_vocab(vocab_file: PathLike) -> "collections.OrderedDict[str, int]":
     """Token -> id, one token per line, stripped as Google and ppb do (HF strips only "\\n"); a
-    repeated token keeps its last id."""
+    repeated token keeps its last id. The file must be a regular file of at most 64 MiB (ValueError
+    otherwise: a FIFO or /dev/zero would hang or fill memory)."""
+    from bert_port._files import MAX_VOCAB_BYTES, NotARegularFile, open_regular
+
     vocab = collections.OrderedDict()
-    with open(vocab_file, "r", encoding="utf-8") as reader:
+    try:
+        f = open_regular(vocab_file, MAX_VOCAB_BYTES, "vocabulary")
+    except NotARegularFile as e:
+        raise ValueError(str(e)) from e
+    with f, io.TextIOWrapper(f, encoding="utf-8") as reader:
         for index, line in enumerate(reader):
             vocab[line.strip()] = index
     return vocab
+
+
+_MAX_CACHED_CHUNK = 256  # characters; longer chunks are rare and recomputed every time
+
+
+class _WordCache(dict):
+    """chunk -> tokenization result, with an estimate of the bytes the entries keep alive."""
+
+    __slots__ = ("used",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = 0
+
+    @staticmethod
+    def cost(chunk: str, value: tuple) -> int:
+        return (sys.getsizeof(chunk) + sys.getsizeof(value)
+                + sum(sys.getsizeof(v) for v in value if type(v) is str))
+
+    def put(self, chunk: str, value: tuple, max_entries: int, max_bytes: int) -> None:
+        if len(chunk) > _MAX_CACHED_CHUNK:
+            return
+        cost = self.cost(chunk, value)
+        if len(self) >= max_entries or self.used + cost > max_bytes:  # forget the older half
+            for key in list(itertools.islice(self, len(self) // 2 + 1)):
+                self.used -= self.cost(key, self.pop(key))
+        self[chunk] = value
+        self.used += cost
 
 
 def whitespace_tokenize(text: str) -> List[str]:
@@ -346,7 +383,7 @@ class BertTokenizer:
     def __init__(self, vocab_file: PathLike, do_lower_case: bool = True, max_len: Optional[int] = None,
                  do_basic_tokenize: bool = True, never_split: Iterable[str] = SPECIAL_TOKENS, *,
                  tokenize_chinese_chars: bool = True, google_compat: bool = False,
-                 unk_token: str = "[UNK]", cache_size: int = 1 << 17) -> None:
+                 unk_token: str = "[UNK]", cache_size: int = 1 << 17, cache_bytes: int = 64 << 20) -> None:
         if not os.path.isfile(vocab_file):
             raise ValueError(f"Can't find a vocabulary file at path '{vocab_file}'. To load a pretrained "
                              "vocabulary use `BertTokenizer.from_pretrained(NAME_OR_DIRECTORY)`")
@@ -361,9 +398,10 @@ class BertTokenizer:
         self.max_len = max_len if max_len is not None else int(1e12)
         self.unk_token = unk_token
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes  # per cache (pieces and ids), estimated with sys.getsizeof
         self._vocab_size = max(self.ids_to_tokens, default=-1) + 1
-        self._pieces: Dict[str, Tuple[str, ...]] = {}  # chunk -> pieces
-        self._ids: Dict[str, Tuple[int, ...]] = {}  # chunk -> ids
+        self._pieces = _WordCache()  # chunk -> pieces
+        self._ids = _WordCache()  # chunk -> ids
 
     @property
     def vocab_size(self) -> int:
@@ -396,10 +434,7 @@ class BertTokenizer:
                     value = cache.get(chunk)
                     if value is None:
                         value = compute(chunk)
-                        if len(cache) >= self.cache_size:  # bounded: forget the older half
-                            for key in list(itertools.islice(cache, len(cache) // 2 + 1)):
-                                del cache[key]
-                        cache[chunk] = value
+                        cache.put(chunk, value, self.cache_size, self.cache_bytes)
                     out.extend(value)
         return out
 
@@ -543,9 +578,13 @@ def _resolve_vocab(name_or_path: PathLike, cache_dir: Optional[PathLike]) -> str
 
 
 def _tokenizer_config(directory: str) -> dict:
+    from bert_port._files import NotARegularFile, load_json
+
+    path = os.path.join(directory, "tokenizer_config.json")
     try:
-        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
-            config = json.load(f)
+        config = load_json(path, what="tokenizer config")
+    except NotARegularFile as e:  # a FIFO, a device, or too big: say so rather than hang
+        raise ValueError(str(e)) from e
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}

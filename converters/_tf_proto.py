@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from converters._tf_table import Corrupt, put_varint, read_varint
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+MAX_RANK = 64  # numpy's NPY_MAXDIMS; TF allows 254 but no real checkpoint comes close
+_SHOWN_BAD_CONSUMERS = 8  # bad_consumers kept for the error message; the rest are only counted
 
 
 def _fields(buf: bytes, what: str) -> list[tuple[int, int, int | bytes]]:
@@ -70,7 +72,9 @@ class Header:
     endianness: int = 0
     producer: int = 0
     min_consumer: int = 0
-    bad_consumers: tuple[int, ...] = ()
+    bad_consumers: tuple[int, ...] = ()  # the first few, for messages
+    num_bad_consumers: int = 0
+    rejected_consumers: frozenset = frozenset()  # which of the versions asked about are listed
 
 
 @dataclass
@@ -85,9 +89,20 @@ class Entry:
     num_slices: int = 0
 
 
-def parse_header(buf: bytes) -> Header:
+def parse_header(buf: bytes, consumers: "tuple[int, ...]" = (1,)) -> Header:
+    """`consumers`: versions whose presence in bad_consumers is recorded; a hostile header may
+    list millions, which are counted, not kept."""
     h = Header()
     bad: list[int] = []
+    rejected: set[int] = set()
+
+    def add_bad(x: int) -> None:
+        h.num_bad_consumers += 1
+        if len(bad) < _SHOWN_BAD_CONSUMERS:
+            bad.append(x)
+        if x in consumers:
+            rejected.add(x)
+
     for field, wire, value in _fields(buf, "BundleHeaderProto"):
         if field in (1, 2):
             _expect(wire, _VARINT, field, "BundleHeaderProto")
@@ -102,7 +117,7 @@ def parse_header(buf: bytes) -> Header:
                     p = 0
                     while p < len(v2):
                         x, p = read_varint(v2, p, len(v2))
-                        bad.append(_signed(x, 32))
+                        add_bad(_signed(x, 32))
                     continue
                 if f2 in (1, 2, 3):
                     _expect(w2, _VARINT, f2, "VersionDef")
@@ -112,13 +127,16 @@ def parse_header(buf: bytes) -> Header:
                     elif f2 == 2:
                         h.min_consumer = x
                     else:
-                        bad.append(x)
+                        add_bad(x)
     h.bad_consumers = tuple(bad)
+    h.rejected_consumers = frozenset(rejected)
     return h
 
 
-def _parse_shape(buf: bytes, e: Entry) -> None:
-    dims = list(e.shape)  # a repeated occurrence of a message field merges, as in protobuf
+def _parse_shape(buf: bytes, e: Entry, dims: list[int]) -> None:
+    """Append buf's dims to `dims` (a repeated occurrence of a message field merges, as in
+    protobuf; one shared list keeps 100k repeated shape fields linear). The rank is bounded here,
+    while parsing, not after."""
     for field, wire, value in _fields(buf, "TensorShapeProto"):
         if field == 2:
             _expect(wire, _LEN, field, "TensorShapeProto")
@@ -127,22 +145,24 @@ def _parse_shape(buf: bytes, e: Entry) -> None:
                 if f2 == 1:
                     _expect(w2, _VARINT, f2, "TensorShapeProto.Dim")
                     size = _signed(v2, 64)
+            if len(dims) >= MAX_RANK:
+                raise Corrupt(f"impossibly large shape (rank above {MAX_RANK})")
             dims.append(size)
         elif field == 3:
             _expect(wire, _VARINT, field, "TensorShapeProto")
             e.unknown_rank = bool(value)
-    e.shape = tuple(dims)
 
 
 def parse_entry(buf: bytes) -> Entry:
     e = Entry()
+    dims: list[int] = []
     for field, wire, value in _fields(buf, "BundleEntryProto"):
         if field == 1:
             _expect(wire, _VARINT, field, "BundleEntryProto")
             e.dtype = _signed(value, 32)
         elif field == 2:
             _expect(wire, _LEN, field, "BundleEntryProto")
-            _parse_shape(value, e)
+            _parse_shape(value, e, dims)
         elif field in (3, 4, 5):
             _expect(wire, _VARINT, field, "BundleEntryProto")
             v = _signed(value, 32 if field == 3 else 64)
@@ -158,6 +178,7 @@ def parse_entry(buf: bytes) -> Entry:
         elif field == 7:
             _expect(wire, _LEN, field, "BundleEntryProto")
             e.num_slices += 1
+    e.shape = tuple(dims)
     return e
 
 

@@ -62,5 +62,5 @@ def print_summary(s: dict) -> None:
     if "files" in s:
         print(f"  files         {', '.join(s['files'])}")
     if s["unknown"]:
-        shown = ", ".join(s["unknown"][:8]) + (" ..." if len(s["unknown"]) > 8 else "")
+        shown = ", ".join(ascii(n) for n in s["unknown"][:8]) + (" ..." if len(s["unknown"]) > 8 else "")
         print(f"  warning: not converted (names not understood): {shown}")

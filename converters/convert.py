@@ -11,6 +11,7 @@ from typing import Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from bert_port._files import MAX_VOCAB_BYTES
 from converters import mapping
 from converters.errors import ConversionError
 from converters.output import copy_file, list_files, output_directory, write_safetensors
@@ -93,7 +94,7 @@ def write_model_dir(
 
         atomic_write_text(tmp / "config.json", BertConfig.from_dict(hf).to_json_string())
         if vocab is not None:
-            copy_file(Path(vocab), tmp / "vocab.txt", "vocab")
+            copy_file(Path(vocab), tmp / "vocab.txt", "vocab", MAX_VOCAB_BYTES)
         if fmt == "safetensors":
             specs = [(name, np.dtype(np.float32), shapes[name]) for name in order]
             write_safetensors(tmp / "model.safetensors", specs, produce)
@@ -194,6 +195,8 @@ def _refuse_existing(path: PathLike, force: bool) -> None:
     """Refuse to overwrite without --force; create the parent directory otherwise."""
     if Path(path).exists() and not force:
         raise ConversionError(f"{path}: already exists (use --force to replace it)")
+    if Path(path).exists() and not Path(path).is_file():  # --force replaces our kind of file only
+        raise ConversionError(f"{path}: exists and is not a regular file; --force will not replace it")
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -14,7 +14,7 @@ numpy.core.* names are served under numpy 2 without touching the deprecated `num
 from __future__ import annotations
 
 import collections
-import math
+import contextvars
 import os
 import pickle
 import struct
@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Union
 
 import numpy as np
 
+from bert_port._files import open_regular
 from converters.errors import ConversionError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -30,7 +31,31 @@ PathLike = Union[str, "os.PathLike[str]"]
 # dtype codes a weight file may hold (numpy's pickled dtype(code, False, True) form)
 _DTYPE_CODES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"})
 _MAX_NDIM = 32
+_MAX_DIM = 1 << 40  # per dimension; a dimension above the file's size is impossible anyway
 MAX_OPCODES = 1_000_000  # BERT-large needs ~15k; 1M bounds a crafted file to ~70 MB of objects
+MAX_DICT_ITEMS = 1 << 14  # entries per dict: a BERT-large state dict (with optimizer state) has ~1.2k
+MAX_KEY_CHARS = 1024  # dict keys: BERT's longest state-dict name is ~60 characters
+MAX_FILE_BYTES = 1 << 36  # 64 GiB: sanity cap (BERT-large is 1.3 GB); memory is bounded by the budget below
+
+
+def shown(text: object, limit: int = 100) -> str:
+    """A name or key from a file, safe to print: quoted, cut short, escapes spelled out (ascii())."""
+    if type(text) is str and len(text) > limit:
+        return ascii(text[:limit]) + "..."
+    return ascii(text) if type(text) is str else type(text).__name__
+
+
+class _Budget:
+    """Bytes the arrays of one load may still claim: each materialised array counts in full, so
+    one buffer shared through the memo by many arrays cannot multiply the memory it costs."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+
+_BUDGET: "contextvars.ContextVar[_Budget | None]" = contextvars.ContextVar("mge_array_budget", default=None)
 
 
 class _Bad(ValueError):
@@ -38,9 +63,20 @@ class _Bad(ValueError):
 
 
 def _shape(value: Any) -> "tuple[int, ...]":
-    if type(value) is not tuple or len(value) > _MAX_NDIM or any(type(d) is not int or d < 0 for d in value):
+    # dims are bounded before any arithmetic: a shape of memo copies of one 10**100000 int would
+    # otherwise cost minutes of bignum multiplication
+    if type(value) is not tuple or len(value) > _MAX_NDIM or any(type(d) is not int for d in value):
         raise _Bad(f"invalid array shape of type {type(value).__name__}")
+    if any(d < 0 or d > _MAX_DIM for d in value):
+        raise _Bad(f"array shape with a dimension outside [0, {_MAX_DIM}]")
     return value
+
+
+def _nbytes(shape: "tuple[int, ...]", itemsize: int) -> int:
+    n = itemsize
+    for d in shape:  # at most 32 dims of at most 2**40: a 1320-bit int at worst
+        n *= d
+    return n
 
 
 class _DType:
@@ -65,8 +101,7 @@ class _DType:
 
 def _make_dtype(code: Any = None, align: Any = False, copy: Any = True) -> _DType:
     if type(code) is not str or code not in _DTYPE_CODES:
-        shown = repr(code[:20]) if type(code) is str else type(code).__name__
-        raise _Bad(f"unsupported numpy dtype {shown} (only numeric dtypes are allowed)")
+        raise _Bad(f"unsupported numpy dtype {shown(code, 20)} (only numeric dtypes are allowed)")
     return _DType(code)
 
 
@@ -77,11 +112,17 @@ def _from_bytes(raw: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     dt, shape = dtype.resolve(), _shape(shape)
     if type(raw) not in (bytes, bytearray):
         raise _Bad(f"array data of type {type(raw).__name__} (expected bytes)")
-    if len(raw) != math.prod(shape) * dt.itemsize:
-        raise _Bad(f"array data holds {len(raw)} bytes but shape {shape} of {dt} needs "
-                   f"{math.prod(shape) * dt.itemsize}")
+    need = _nbytes(shape, dt.itemsize)
+    if len(raw) != need:
+        shape_text = str(shape) if len(shape) <= 8 else f"of rank {len(shape)}"
+        raise _Bad(f"array data holds {len(raw)} bytes but shape {shape_text} of {dt} needs {need}")
     if order not in ("C", "F"):
         raise _Bad("invalid array memory order")
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.left -= need
+        if budget.left < 0:
+            raise _Bad("its arrays hold more bytes than the file (one buffer shared by several arrays?)")
     return np.frombuffer(raw, dtype=dt).reshape(shape, order=order)
 
 
@@ -157,6 +198,32 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode("latin-1")
 
 
+def _check_key(target: Any, key: Any) -> None:
+    """Before a dict insertion: int/tuple/float keys hash predictably (1 + i*(2**61-1) all collide,
+    making insertion quadratic), str keys use the per-process random hash, so only str is allowed."""
+    if type(target) not in (dict, collections.OrderedDict):
+        raise _Bad(f"SETITEM on a {type(target).__name__} (only dicts take items)")
+    if type(key) is not str:
+        raise _Bad(f"state-dict key of type {type(key).__name__} (expected str: a weight file's dicts have str keys only)")
+    if len(key) > MAX_KEY_CHARS:
+        raise _Bad(f"dict key of {len(key)} characters (limit {MAX_KEY_CHARS})")
+    if len(target) >= MAX_DICT_ITEMS and key not in target:
+        raise _Bad(f"a dict with more than {MAX_DICT_ITEMS} entries")
+
+
+def _ordered_dict(*args: Any) -> "collections.OrderedDict[str, Any]":
+    """OrderedDict() (Python 3's pickles), or OrderedDict([[key, value], ...]) (Python 2's)."""
+    d: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+    if len(args) > 1 or (args and type(args[0]) not in (list, tuple)):
+        raise _Bad("OrderedDict(...) takes only a list of (key, value) pairs")
+    for pair in args[0] if args else ():
+        if type(pair) not in (list, tuple) or len(pair) != 2:
+            raise _Bad("OrderedDict(...) takes only a list of (key, value) pairs")
+        _check_key(d, pair[0])
+        d[pair[0]] = pair[1]
+    return d
+
+
 def _empty_bytes(*args: Any) -> bytes:
     """Protocols 0-2 spell b'' (an empty array's data) as bytes(); bytes(n) would allocate n."""
     if args:
@@ -197,7 +264,7 @@ _TENSOR_STATE_KEYS = frozenset({"data", "device", "dtype", "qdict", "qparams", "
 
 def _allowed_globals() -> "dict[tuple[str, str], Any]":
     names: "dict[tuple[str, str], Any]" = {
-        ("collections", "OrderedDict"): _Function(collections.OrderedDict),
+        ("collections", "OrderedDict"): _Function(_ordered_dict),
         ("_codecs", "encode"): _Function(_codecs_encode),
         ("__builtin__", "bytes"): _Function(_empty_bytes),
         ("builtins", "bytes"): _Function(_empty_bytes),
@@ -249,6 +316,37 @@ def _counted(op: Any) -> Any:
     return run
 
 
+def _load_setitem(self: "_RestrictedUnpickler") -> None:
+    value, key = self.stack.pop(), self.stack.pop()
+    _check_key(self.stack[-1], key)
+    self.stack[-1][key] = value
+
+
+def _load_setitems(self: "_RestrictedUnpickler") -> None:
+    items = self.pop_mark()
+    target = self.stack[-1]
+    if len(items) % 2:
+        raise _Bad("SETITEMS with an odd number of stack items")
+    for i in range(0, len(items), 2):
+        _check_key(target, items[i])
+        target[items[i]] = items[i + 1]
+
+
+def _load_dict(self: "_RestrictedUnpickler") -> None:
+    items = self.pop_mark()
+    if len(items) % 2:
+        raise _Bad("DICT with an odd number of stack items")
+    d: "dict[str, Any]" = {}
+    self.append(d)
+    for i in range(0, len(items), 2):
+        _check_key(d, items[i])
+        d[items[i]] = items[i + 1]
+
+
+def _no_sets(self: "_RestrictedUnpickler") -> None:
+    raise _Bad("sets are not allowed in a weight file (their items would hash predictably)")
+
+
 def _load_bytearray8(self: "_RestrictedUnpickler") -> None:
     # the stock loader allocates (and zero-fills) the claimed size before reading anything
     (n,) = struct.unpack("<Q", self.read(8))
@@ -269,6 +367,11 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     dispatch = {code: _counted(op) for code, op in pickle._Unpickler.dispatch.items()}  # type: ignore[attr-defined]
     dispatch[pickle.BYTEARRAY8[0]] = _counted(_load_bytearray8)
+    dispatch[pickle.SETITEM[0]] = _counted(_load_setitem)
+    dispatch[pickle.SETITEMS[0]] = _counted(_load_setitems)
+    dispatch[pickle.DICT[0]] = _counted(_load_dict)
+    for _op in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
+        dispatch[_op[0]] = _counted(_no_sets)
 
     def __init__(self, f: Any, size: int, path: str) -> None:
         super().__init__(_BoundedFile(f, size))
@@ -278,8 +381,9 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         try:
             return _ALLOWED[(module, name)]
         except (KeyError, TypeError):
+            what = ascii(f"{module[:100]}.{name[:100]}")
             raise ConversionError(
-                f"{self._path}: refusing to load global '{module:.100}.{name:.100}' "
+                f"{self._path}: refusing to load global {what} "
                 "(only numpy arrays and MegEngine tensors are allowed)") from None
 
     def persistent_load(self, pid: Any) -> Any:
@@ -297,29 +401,35 @@ def _as_array(value: Any) -> "np.ndarray | None":
 def load_mge_pickle(path: PathLike) -> Dict[str, np.ndarray]:
     """Read a MegEngine .pkl state dict into {name: writable, native-order, C-contiguous ndarray}.
 
-    Raises ConversionError (naming the file) for a missing/truncated/non-pickle file, any global
-    outside the allow-list, malformed array data, or content that is not a dict of str -> array.
+    Raises ConversionError (naming the file) for a missing/truncated/non-pickle/non-regular file,
+    any global outside the allow-list, malformed array data, arrays that together claim more bytes
+    than the file holds, or content that is not a dict of str -> array.
     """
     where = os.fspath(path)
+    token = _BUDGET.set(None)
     try:
-        with open(where, "rb") as f:
-            obj = _RestrictedUnpickler(f, os.fstat(f.fileno()).st_size, where).load()
+        with open_regular(where, MAX_FILE_BYTES, "MegEngine pickle") as f:
+            size = os.fstat(f.fileno()).st_size
+            _BUDGET.set(_Budget(size))
+            obj = _RestrictedUnpickler(f, size, where).load()
+        return _validate(obj, where)
     except ConversionError:
         raise
     except OSError as e:
-        raise ConversionError(f"{where}: cannot read MegEngine pickle ({e.strerror or e})") from None
+        raise ConversionError(f"{where}: cannot read MegEngine pickle ({e.strerror or e})") from e
     except _Bad as e:
-        raise ConversionError(f"{where}: {e}") from None
-    except RecursionError:
-        raise ConversionError(f"{where}: not a MegEngine pickle (nested too deeply)") from None
-    except MemoryError:
-        raise ConversionError(f"{where}: not a MegEngine pickle (it needs more memory than is available)") from None
-    except EOFError:
-        raise ConversionError(f"{where}: truncated or empty pickle (no STOP opcode)") from None
+        raise ConversionError(f"{where}: {e}") from e
+    except RecursionError as e:
+        raise ConversionError(f"{where}: not a MegEngine pickle (nested too deeply)") from e
+    except MemoryError as e:
+        raise ConversionError(f"{where}: not a MegEngine pickle (it needs more memory than is available)") from e
+    except EOFError as e:
+        raise ConversionError(f"{where}: truncated or empty pickle (no STOP opcode)") from e
     except Exception as e:  # UnpicklingError, KeyError, struct.error, ... from malformed data
-        raise ConversionError(f"{where}: not a readable MegEngine pickle "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
-    return _validate(obj, where)
+        detail = ascii(str(e)[:200])[1:-1]  # may quote file bytes: escapes spelled out
+        raise ConversionError(f"{where}: not a readable MegEngine pickle ({type(e).__name__}: {detail})") from e
+    finally:
+        _BUDGET.reset(token)
 
 
 def _validate(obj: Any, where: str) -> Dict[str, np.ndarray]:
@@ -331,9 +441,10 @@ def _validate(obj: Any, where: str) -> Dict[str, np.ndarray]:
             raise ConversionError(f"{where}: state-dict key of type {type(key).__name__} (expected str)")
         array = _as_array(value)
         if array is None:
-            raise ConversionError(f"{where}: value of '{key:.200}' is {type(value).__name__}, not an array")
+            raise ConversionError(f"{where}: value of {shown(key, 200)} is {type(value).__name__}, not an array")
         native = array.dtype.newbyteorder("=")
         if not array.flags.writeable or not array.flags.c_contiguous or array.dtype != native:
+            # at most the file's size in total: _from_bytes charged every array to the budget
             array = np.array(array, dtype=native, order="C", copy=True)
         result[key] = array
     return result

@@ -18,11 +18,31 @@ from typing import Callable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from bert_port._files import NotARegularFile, open_regular
 from converters.errors import ConversionError
 
 _SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
                        np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("uint8"): "U8",
                        np.dtype("int8"): "I8", np.dtype("bool"): "BOOL"}
+
+
+# What a conversion writes into its output directory. `--force` replaces an existing directory only
+# if it holds nothing else (a previous conversion's output), so it can never delete foreign files.
+OUTPUT_NAMES = frozenset({"config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt"})
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace `out_dir` unless every entry in it is a regular file we would write."""
+    try:
+        entries = list(os.scandir(out_dir))
+    except OSError as e:
+        raise ConversionError(f"{out_dir}: cannot list the existing output directory ({e.strerror or e})") from e
+    foreign = sorted(e.name for e in entries if e.name not in OUTPUT_NAMES or not e.is_file(follow_symlinks=False))
+    if foreign:
+        shown = ", ".join(ascii(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConversionError(f"{out_dir}: --force replaces only a directory of converter outputs "
+                              f"({', '.join(sorted(OUTPUT_NAMES))}); it also holds {shown}: "
+                              "move those away or choose another --out")
 
 
 @contextlib.contextmanager
@@ -33,6 +53,8 @@ def output_directory(out_dir: Path, force: bool) -> Iterator[Path]:
         raise ConversionError(f"{out_dir}: output directory already exists (use --force to replace it)")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConversionError(f"{out_dir}: exists and is not a directory")
+    if out_dir.exists():
+        check_replaceable(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -41,6 +63,7 @@ def output_directory(out_dir: Path, force: bool) -> Iterator[Path]:
     try:
         yield tmp
         if out_dir.exists():  # --force: swap, then delete the old one
+            check_replaceable(out_dir)  # again: it may have changed during the conversion
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
             os.replace(out_dir, old / "x")
             os.replace(tmp, out_dir)
@@ -73,11 +96,16 @@ def write_safetensors(path: Path, specs: Sequence[Tuple[str, np.dtype, Tuple[int
             f.write(memoryview(array).cast("B"))
 
 
-def copy_file(src: Path, dst: Path, what: str) -> None:
+def copy_file(src: Path, dst: Path, what: str, max_bytes: int) -> None:
+    """Copy a regular file of at most `max_bytes` (a FIFO or /dev/zero is refused, not copied
+    until the disk is full)."""
     try:
-        shutil.copyfile(src, dst)
+        with open_regular(src, max_bytes, what) as f, open(dst, "wb") as out:
+            shutil.copyfileobj(f, out)
+    except NotARegularFile as e:
+        raise ConversionError(str(e)) from e
     except OSError as e:
-        raise ConversionError(f"{src}: cannot read {what} ({e.strerror or e})") from None
+        raise ConversionError(f"{src}: cannot read {what} ({e.strerror or e})") from e
 
 
 def list_files(directory: Path) -> List[str]:

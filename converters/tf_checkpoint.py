@@ -7,11 +7,17 @@ notes, tensorflow.md section 3), checked against files written by TF 2.21.
 Reader design:
 * the `.index` table is parsed and every entry validated up front (dtype known, shape vs size,
   shard exists, offset+size inside the shard), so later reads cannot run off a file;
-* tensors are read lazily, one at a time, as read-only numpy views of a `numpy.memmap` of the
-  shard (a 4 GB checkpoint never needs 4 GB of RAM); every read verifies the tensor's crc32c;
+* tensors are read lazily, one at a time, with pread into a private, writable array (a 4 GB
+  checkpoint never needs 4 GB of RAM); every read verifies the tensor's crc32c on the bytes it
+  returns. Never a memmap: a shard truncated or rewritten later would SIGBUS or silently change
+  arrays already handed out;
+* the index and the shards must be regular files (a FIFO would block, `/dev/zero` never end), the
+  index at most MAX_INDEX_BYTES;
 * bfloat16 is widened to float32 by default (exact: bf16 is the upper half of a float32);
   `get(name, widen_bfloat16=False)` returns the raw bits as a uint16 view instead;
-* DT_STRING: a scalar gives `bytes`, other shapes a numpy object array of `bytes` (like TF);
+* DT_STRING: a scalar gives `bytes`, other shapes a numpy object array of `bytes` (like TF), for at
+  most MAX_STRING_ELEMENTS elements (one Python object each; BERT checkpoints hold no strings
+  beyond TF2's scalar object graph); a bigger string tensor is refused when it is read;
 * partitioned (sliced) variables are refused; BERT checkpoints never use them.
 Every problem is a `ConversionError` whose message names the file.
 """
@@ -26,6 +32,7 @@ from typing import Iterator, Mapping, Union
 
 import numpy as np
 
+from bert_port._files import check_regular, open_regular
 from converters import _tf_proto as proto
 from converters._tf_table import Corrupt, build_table, crc32c, mask_crc, put_varint, read_table, read_varint
 from converters.errors import ConversionError
@@ -48,13 +55,21 @@ _CODE_BY_NAME = {name: code for code, (name, _) in _DTYPES.items()}
 _CODE_BY_KIND = {(dt.kind, dt.itemsize): code for code, (_, dt) in _DTYPES.items()
                  if code not in (DT_STRING, DT_BFLOAT16)}
 _TENSOR_BUNDLE_VERSION = 1  # kTensorBundleVersion: consumers older than this are refused
-_MAX_RANK = 64  # numpy's NPY_MAXDIMS; TF allows 254 but no real checkpoint comes close
+_MAX_RANK = proto.MAX_RANK
+MAX_INDEX_BYTES = 64 << 20  # BERT-large with Adam slots: ~40 KB; 64 MiB is ~1M variables
+MAX_STRING_ELEMENTS = 1 << 12
+_SHOWN_NAME = 200  # characters of a tensor name in messages
 _CHUNK = 16 << 20  # crc and write granularity; keeps temporary copies small
 
 
 def data_filename(prefix: str, shard: int, num_shards: int) -> str:
     """`P.data-00000-of-00001` (tensor_bundle naming.cc DataFilename)."""
     return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+
+
+def _shown(name: str) -> str:
+    """A tensor name from the file, safe to print: escapes spelled out (ascii()), cut short."""
+    return ascii(name[:_SHOWN_NAME]) + ("..." if len(name) > _SHOWN_NAME else "")
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
@@ -92,18 +107,20 @@ class TFCheckpointReader:
         self.prefix = os.fspath(prefix)
         self.index_path = self.prefix + ".index"
         try:
-            with open(self.index_path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
+            with open_regular(self.index_path, MAX_INDEX_BYTES, "TF checkpoint index") as f:
+                data = f.read(MAX_INDEX_BYTES + 1)
+        except FileNotFoundError as e:
             raise ConversionError(f"{self.index_path}: TF checkpoint index not found "
-                                  "(pass the prefix, e.g. .../bert_model.ckpt)") from None
+                                  "(pass the prefix, e.g. .../bert_model.ckpt)") from e
         except OSError as e:
-            raise ConversionError(f"{self.index_path}: cannot read: {e.strerror}") from None
+            raise ConversionError(f"{self.index_path}: cannot read: {e.strerror or e}") from e
+        if len(data) > MAX_INDEX_BYTES:
+            raise ConversionError(f"{self.index_path}: grew past {MAX_INDEX_BYTES} bytes while being read")
         try:
             items = read_table(data)
             if not items or items[0][0] != b"":
                 raise Corrupt("no header entry (empty key) in the index")
-            header = proto.parse_header(items[0][1])
+            header = proto.parse_header(items[0][1], consumers=(_TENSOR_BUNDLE_VERSION,))
             self._check_header(header)
             self.num_shards = header.num_shards
             infos = [(key, self._check_entry(key, value)) for key, value in items[1:]]
@@ -112,8 +129,7 @@ class TFCheckpointReader:
             self._infos = {key.decode("utf-8", "surrogateescape"): info
                            for key, info in infos if not key.startswith(b"\x00")}
         except Corrupt as e:
-            raise self._error(str(e)) from None
-        self._maps: dict[int, np.ndarray] = {}
+            raise self._error(str(e)) from e
         self._check_shards()
 
     # ------------------------------------------------------------ validation
@@ -126,36 +142,39 @@ class TFCheckpointReader:
             raise Corrupt(f"header claims {h.num_shards} data shards")
         if h.endianness != 0:
             raise Corrupt("big-endian checkpoint (header endianness BIG); only little-endian is supported")
-        if h.producer < 0 or h.min_consumer > _TENSOR_BUNDLE_VERSION or _TENSOR_BUNDLE_VERSION in h.bad_consumers:
+        if h.producer < 0 or h.min_consumer > _TENSOR_BUNDLE_VERSION or _TENSOR_BUNDLE_VERSION in h.rejected_consumers:
+            shown = ", ".join(map(str, h.bad_consumers))
+            if h.num_bad_consumers > len(h.bad_consumers):
+                shown += f", ... ({h.num_bad_consumers} in all)"
             raise Corrupt(f"unsupported tensor bundle version (producer {h.producer}, "
-                          f"min_consumer {h.min_consumer}, bad_consumers {list(h.bad_consumers)})")
+                          f"min_consumer {h.min_consumer}, bad_consumers [{shown}])")
 
     def _check_entry(self, key: bytes, value: bytes) -> _Info:
-        name = key.decode("utf-8", "backslashreplace")
+        name = _shown(key.decode("utf-8", "backslashreplace"))
         try:
             e = proto.parse_entry(value)
         except Corrupt as err:
-            raise Corrupt(f"tensor {name!r}: {err}") from None
+            raise Corrupt(f"tensor {name}: {err}") from err
         if e.dtype not in _DTYPES:
-            raise Corrupt(f"tensor {name!r} has unknown or unsupported dtype code {e.dtype}")
+            raise Corrupt(f"tensor {name} has unknown or unsupported dtype code {e.dtype}")
         if e.unknown_rank or any(d < 0 for d in e.shape):
-            raise Corrupt(f"tensor {name!r} has an unknown or negative shape {_fmt_shape(e.shape)}")
+            raise Corrupt(f"tensor {name} has an unknown or negative shape {_fmt_shape(e.shape)}")
         if not 0 <= e.shard_id < self.num_shards:
-            raise Corrupt(f"tensor {name!r} is in shard {e.shard_id}, but the header says {self.num_shards} shards")
+            raise Corrupt(f"tensor {name} is in shard {e.shard_id}, but the header says {self.num_shards} shards")
         if e.offset < 0 or e.size < 0:
-            raise Corrupt(f"tensor {name!r} has negative offset {e.offset} or size {e.size}")
+            raise Corrupt(f"tensor {name} has negative offset {e.offset} or size {e.size}")
         count = _num_elements(e.shape)
         label, np_dtype = _DTYPES[e.dtype]
         # numpy refuses shapes whose non-zero dims overflow intp even when a zero dim makes them empty
         if len(e.shape) > _MAX_RANK or _num_elements(tuple(d for d in e.shape if d)) * np_dtype.itemsize >= 1 << 63:
-            raise Corrupt(f"tensor {name!r} has an impossibly large shape {_fmt_shape(e.shape)}")
+            raise Corrupt(f"tensor {name} has an impossibly large shape {_fmt_shape(e.shape)}")
         if e.num_slices == 0:
             if e.dtype == DT_STRING:
                 if count + 4 > e.size:  # >= 1 varint byte per element + 4-byte length checksum
-                    raise Corrupt(f"tensor {name!r}: size {e.size} bytes is too small for "
+                    raise Corrupt(f"tensor {name}: size {e.size} bytes is too small for "
                                   f"{count} strings (shape {_fmt_shape(e.shape)})")
             elif count * np_dtype.itemsize != e.size:
-                raise Corrupt(f"tensor {name!r}: size {e.size} bytes disagrees with shape "
+                raise Corrupt(f"tensor {name}: size {e.size} bytes disagrees with shape "
                               f"{_fmt_shape(e.shape)} ({count} x {label})")
         return _Info(e.dtype, e.shape, e.shard_id, e.offset, e.size, e.crc32c or 0, e.num_slices > 0)
 
@@ -167,13 +186,15 @@ class TFCheckpointReader:
             path = data_filename(self.prefix, info.shard, self.num_shards)
             if info.shard not in sizes:
                 try:
-                    sizes[info.shard] = os.stat(path).st_size
-                except FileNotFoundError:
-                    raise self._error(f"data shard {path} is missing") from None
+                    st = os.stat(path)
+                    check_regular(st, path, None, "data shard")
+                    sizes[info.shard] = st.st_size
+                except FileNotFoundError as e:
+                    raise self._error(f"data shard {path} is missing") from e
                 except OSError as e:
-                    raise self._error(f"cannot stat data shard {path}: {e.strerror}") from None
+                    raise self._error(f"cannot use data shard {path}: {e.strerror or e}") from e
             if info.offset + info.size > sizes[info.shard]:
-                raise self._error(f"tensor {name!r} (offset {info.offset}, size {info.size}) extends beyond "
+                raise self._error(f"tensor {_shown(name)} (offset {info.offset}, size {info.size}) extends beyond "
                                   f"the end of the {sizes[info.shard]}-byte shard; file truncated?", path)
 
     # ------------------------------------------------------------ public API
@@ -194,60 +215,49 @@ class TFCheckpointReader:
         try:
             return self._infos[name]
         except KeyError:
-            raise self._error(f"no tensor named {name!r}") from None
+            raise self._error(f"no tensor named {_shown(name)}") from None
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
         """(shape, TF dtype name such as 'float32', 'bfloat16', 'string') without reading data."""
         info = self._info(name)
         return info.shape, _DTYPES[info.dtype][0]
 
-    def _shard_map(self, shard: int) -> np.ndarray:
-        if shard not in self._maps:
-            path = data_filename(self.prefix, shard, self.num_shards)
-            try:
-                if os.path.getsize(path) == 0:
-                    self._maps[shard] = np.zeros(0, np.uint8)
-                else:
-                    self._maps[shard] = np.memmap(path, dtype=np.uint8, mode="r")
-            except (OSError, ValueError) as e:
-                raise self._error(f"cannot map data shard {path}: {e}") from None
-        return self._maps[shard]
-
-    def _crc_of_range(self, path: str, offset: int, size: int) -> int:
-        """crc32c of file bytes via pread in 16 MiB chunks: verifying does not fault the memmap's
-        pages into this process (RSS stays low until the caller touches the array)."""
-        crc = 0
+    def _read(self, name: str, info: _Info, path: str) -> np.ndarray:
+        """The entry's bytes as a private uint8 array, read with pread (never a memmap) and checked
+        against its crc32c. Opened anew for each tensor: O_NONBLOCK plus a regular-file check on
+        the descriptor, so a shard swapped for a FIFO since `__init__` cannot block us."""
+        out = np.empty(info.size, np.uint8)
+        crc = pos = 0
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                end = offset + size
-                while offset < end:
-                    chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
+            with open_regular(path, None, "data shard") as f:
+                fd = f.fileno()
+                while pos < info.size:
+                    chunk = os.pread(fd, min(_CHUNK, info.size - pos), info.offset + pos)
                     if not chunk:
-                        raise self._error("unexpected end of file (file shrank?)", path)
+                        raise self._error(f"tensor {_shown(name)} extends beyond the end of the shard "
+                                          "(file shrank?)", path)
                     crc = crc32c(chunk, crc)
-                    offset += len(chunk)
-            finally:
-                os.close(fd)
+                    out[pos:pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
+                    pos += len(chunk)
         except OSError as e:
-            raise self._error(f"cannot read: {e.strerror}", path) from None
-        return crc
+            raise self._error(f"cannot read: {e.strerror or e}", path) from e
+        if info.dtype != DT_STRING and mask_crc(crc) != info.crc:
+            raise self._error(f"crc32c mismatch for tensor {_shown(name)}: data corrupted", path)
+        return out
 
     def get(self, name: str, *, widen_bfloat16: bool = True) -> Tensor:
-        """One tensor, crc-verified. Non-string tensors are read-only views of the memory map."""
+        """One tensor, crc-verified: a writable array of its own (or bytes for a string scalar)."""
         info = self._info(name)
         if info.sliced:
-            raise self._error(f"tensor {name!r} is a partitioned (sliced) variable; not supported")
+            raise self._error(f"tensor {_shown(name)} is a partitioned (sliced) variable; not supported")
         path = data_filename(self.prefix, info.shard, self.num_shards)
-        mm = self._shard_map(info.shard)
-        if info.offset + info.size > mm.size:
-            raise self._error(f"tensor {name!r} extends beyond the end of the shard (file shrank?)", path)
-        raw = mm[info.offset:info.offset + info.size]
         if info.dtype == DT_STRING:
-            return self._strings(name, info, raw.tobytes(), path)
-        if mask_crc(self._crc_of_range(path, info.offset, info.size)) != info.crc:
-            raise self._error(f"crc32c mismatch for tensor {name!r}: data corrupted", path)
-        arr = np.asarray(raw).view(_DTYPES[info.dtype][1]).reshape(info.shape)
+            count = _num_elements(info.shape)
+            if count > MAX_STRING_ELEMENTS:
+                raise self._error(f"string tensor {_shown(name)} has {count} elements; this reader "
+                                  f"materialises at most {MAX_STRING_ELEMENTS} (BERT has no string tensors)")
+            return self._strings(name, info, self._read(name, info, path).tobytes(), path)
+        arr = self._read(name, info, path).view(_DTYPES[info.dtype][1]).reshape(info.shape)
         if info.dtype == DT_BFLOAT16 and widen_bfloat16:
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
@@ -262,18 +272,18 @@ class TFCheckpointReader:
                 n, pos = read_varint(buf, pos, end)
                 lengths.append(n)
         except Corrupt as e:
-            raise self._error(f"string tensor {name!r}: bad length: {e}", path) from None
+            raise self._error(f"string tensor {_shown(name)}: bad length: {e}", path) from None
         packed = b"".join(struct.pack("<I", n) if n <= 0xFFFFFFFF else struct.pack("<Q", n) for n in lengths)
         crc = crc32c(packed)
         if end - pos < 4 or struct.unpack_from("<I", buf, pos)[0] != mask_crc(crc):
-            raise self._error(f"string tensor {name!r}: length checksum mismatch", path)
+            raise self._error(f"string tensor {_shown(name)}: length checksum mismatch", path)
         crc = crc32c(buf[pos:pos + 4], crc)
         pos += 4
         if sum(lengths) != end - pos:
-            raise self._error(f"string tensor {name!r}: lengths add up to {sum(lengths)} bytes, "
+            raise self._error(f"string tensor {_shown(name)}: lengths add up to {sum(lengths)} bytes, "
                               f"entry holds {end - pos}", path)
         if mask_crc(crc32c(buf[pos:], crc)) != info.crc:
-            raise self._error(f"crc32c mismatch for tensor {name!r}: data corrupted", path)
+            raise self._error(f"crc32c mismatch for tensor {_shown(name)}: data corrupted", path)
         items = []
         for n in lengths:
             items.append(buf[pos:pos + n])
@@ -286,7 +296,7 @@ class TFCheckpointReader:
 
 
 def load_tf_checkpoint(prefix: str | os.PathLike) -> dict[str, Tensor]:
-    """All tensors by raw TF name. Arrays are read-only memmap views (copy to modify)."""
+    """All tensors by raw TF name, each a private writable array (or bytes for a string scalar)."""
     reader = TFCheckpointReader(prefix)
     return {name: reader.get(name) for name in reader.keys()}
 

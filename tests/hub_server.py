@@ -3,7 +3,10 @@
 `HubServer` serves `files` ({"/<NAME>/<file>": bytes}), honours `Range: bytes=N-` with 206 answers,
 records every request (path + headers), counts the body bytes it sent, and can be told to fail:
 `fail(path, 500)`, `fail(path, "cut")` (send half the body, then drop the connection),
-`fail(path, "ignore-range")`, plus `throttle(path, bytes_per_second)`. A watchdog shuts it down
+`fail(path, "ignore-range")`, `fail(path, "endless")` (200 with no Content-Length and zeros
+until the client hangs up), `fail(path, "overlong")` (Content-Length of the file, then the file
+twice), plus `throttle(path, bytes_per_second)` (below 4096 B/s the body drips in writes of
+`rate` bytes, at least 1). A watchdog shuts it down
 after `lifetime` seconds so a hung test cannot leave it running.
 
 The hub's models are 110M+ parameters, so `fake_hub` serves the tiny MegEngine fixture
@@ -118,6 +121,8 @@ def _handler(server: HubServer):
             body = server.files.get(path)
             if isinstance(fault, int):
                 return self._send(fault, b"scripted failure\n")
+            if fault == "endless":
+                return self._endless(path)
             if body is None:
                 return self._send(404, b"not found\n")
             m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
@@ -128,20 +133,35 @@ def _handler(server: HubServer):
                 headers = {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"}
                 self._send(206, body[start:], headers, path, cut=fault == "cut")
             else:
-                self._send(200, body, {}, path, cut=fault == "cut")
+                self._send(200, body, {}, path, cut=fault == "cut", overlong=fault == "overlong")
+
+        def _endless(self, path: str) -> None:
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the body ends when the connection does
+            chunk = b"\0" * 65536
+            try:
+                while not server._stopped:
+                    self.wfile.write(chunk)
+                    with server._lock:
+                        server.sent[path] += len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                return
 
         def _send(self, status: int, body: bytes, headers: Optional[dict] = None, path: str = "",
-                  cut: bool = False) -> None:
+                  cut: bool = False, overlong: bool = False) -> None:
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            payload = body[: len(body) // 2] if cut else body
+            payload = body[: len(body) // 2] if cut else body + body if overlong else body
             try:
-                for i in range(0, len(payload), 4096):
-                    chunk = payload[i:i + 4096]
+                with server._lock:
+                    rate = server._rates.get(path)
+                step = 4096 if not rate or rate >= 4096 else max(1, int(rate))  # a slow drip: bytes, not pages
+                for i in range(0, len(payload), step):
+                    chunk = payload[i:i + step]
                     self.wfile.write(chunk)
                     self.wfile.flush()
                     with server._lock:

@@ -254,6 +254,12 @@ def test_existing_output_is_refused_unless_force(tmp_path):
     args = ("converters.mge2torch", MGE / "hub_bert.pkl", "--config", MGE / "bert_config.json", "--out", tmp_path / "out")
     r = run_cli(*args)
     assert r.returncode == 1 and "already exists" in r.stderr and (tmp_path / "out/keep.txt").exists()
+    # --force replaces converter outputs only: a foreign file makes it refuse, and nothing is deleted
+    r = run_cli(*args, "--force")
+    assert r.returncode == 1 and "'keep.txt'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (tmp_path / "out/keep.txt").read_text() == "mine"
+    (tmp_path / "out/keep.txt").unlink()
+    (tmp_path / "out/config.json").write_text("{}")  # a previous conversion's output is replaced
     r = run_cli(*args, "--force")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
