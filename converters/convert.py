@@ -188,7 +188,21 @@ def torch_to_tf(model_dir: PathLike, out_prefix: PathLike, *, force: bool = Fals
            for src, (target, layout) in plan.renames.items()}
     _refuse_existing(str(out_prefix) + ".index", force)
     write_tf_checkpoint(out_prefix, out)
+    _remove_stale_shards(out_prefix)
     return _export_summary(model_dir, out_prefix, plan, out)
+
+
+def _remove_stale_shards(prefix: PathLike) -> None:
+    """After --force over an older bundle with more shards: its `.data-NNNNN-of-MMMMM` files (M != 1)
+    would sit next to the new single-shard checkpoint and confuse whoever globs the prefix."""
+    import re
+
+    prefix = Path(prefix)
+    pattern = re.compile(re.escape(prefix.name) + r"\.data-\d{5}-of-(\d{5})")
+    for f in prefix.parent.iterdir():
+        m = pattern.fullmatch(f.name)
+        if m and m.group(1) != "00001" and f.is_file():
+            f.unlink()
 
 
 def _refuse_existing(path: PathLike, force: bool) -> None:

@@ -373,4 +373,6 @@ def test_megengine_loads_what_we_save(tmp_path, recorded, model, source, num_lab
     with np.load(out) as got:
         for key in keys:
             want = recorded["cls_logits"] if key == "logits" else recorded[key]
-            np.testing.assert_array_equal(got[key], want)
+            # recorded by Models' model.py; check_mge_load runs the in-repo mirror of it unless
+            # $BERT_PORT_MGE_MODELS_DIR names a Models checkout (the generator keeps them within 1e-6)
+            np.testing.assert_allclose(got[key], want, rtol=0, atol=1e-6)
