@@ -31,6 +31,8 @@ from bert_port.pretrained import BertPreTrainedModel
 
 # The additive mask value of the reference, Google's and MegEngine's BERT: (1 - mask) * -10000.
 MASK_ADDER = -10000.0
+# Devices where unpadded attention loops over the sequences; elsewhere it is one masked launch.
+PER_SEQUENCE_DEVICES = ("cpu",)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +149,7 @@ def _attend_unpadded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     (B, A, S, D) and mask the padded keys, so a GPU does not run B small kernels per layer.
     """
     A, T, D = q.shape
-    if q.device.type == "cpu":
+    if q.device.type in PER_SEQUENCE_DEVICES:
         parts = [F.scaled_dot_product_attention(*(t.narrow(1, start, n) for t in (q, k, v)))
                  for start, n in zip(_starts(layout.lengths), layout.lengths) if n]
         ctx = torch.cat(parts, dim=1) if parts else q.new_zeros(A, 0, D)

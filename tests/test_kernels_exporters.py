@@ -1,0 +1,212 @@
+"""Kernel choice by capability and measurement, standard modules, and the standard exporters.
+
+References are independent of the code under test: the plain F.linear path (BERT_PORT_LINEAR=torch),
+HF transformers on the same weights, ONNX Runtime running the exported graph.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bert_port as bp
+from bert_port import kernels
+from bert_port import model as model_module
+from tests.conftest import ROOT, TINY, make_inputs, scale_weights_
+
+SMALL = dict(TINY, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+
+
+def small_model(head=bp.BertModel, *args, seed=0):
+    torch.manual_seed(seed)
+    model = head(bp.BertConfig(**SMALL), *args)
+    scale_weights_(model, std=0.1, seed=seed)
+    return model.eval()
+
+
+def batch(seed=1, batch=4, seq_len=40):
+    return make_inputs(batch=batch, seq_len=seq_len, vocab=SMALL["vocab_size_or_config_json_file"], seed=seed)
+
+
+def last_layer(model, inputs, **kw):
+    with torch.no_grad():
+        return model(*inputs, output_all_encoded_layers=False, **kw)
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Run with a forced kernel choice (and forget earlier decisions before and after)."""
+    def force(choice):
+        monkeypatch.setenv("BERT_PORT_LINEAR", choice)
+        kernels.reset()
+    yield force
+    kernels.reset()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_every_kernel_choice_gives_the_plain_linear_result(forced, dtype, tol):
+    model, inputs = small_model().to(dtype), batch()
+    forced("torch")
+    ref_seq, ref_pooled = last_layer(model, inputs)
+    assert set(kernels.choices().values()) == {"torch"}
+    for choice in ("onednn", "auto"):
+        forced(choice)
+        seq, pooled = last_layer(model, inputs)
+        real = inputs[2].bool()
+        assert (seq.float() - ref_seq.float())[real].abs().max() <= tol
+        assert (pooled.float() - ref_pooled.float()).abs().max() <= tol
+    if kernels._ONEDNN_OP is not None and dtype == torch.float32:
+        forced("onednn")
+        last_layer(model, inputs)
+        assert "onednn" in kernels.choices().values()  # the forced path really ran
+
+
+def test_a_kernel_that_cannot_run_falls_back(forced, monkeypatch):
+    """As oneDNN bf16 on an AVX2-only CPU: the capability check catches the error, F.linear runs."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("could not create a primitive descriptor for the inner product forward propagation")
+
+    broken.binary = broken
+    model, inputs = small_model(), batch()
+    forced("torch")
+    ref = last_layer(model, inputs)[1]
+    forced("auto")
+    monkeypatch.setattr(kernels, "_ONEDNN_OP", broken)
+    assert torch.allclose(last_layer(model, inputs)[1], ref, atol=1e-6)
+    assert kernels.choices() and set(kernels.choices().values()) == {"torch"}
+
+
+def test_bf16_and_fp16_run_where_onednn_is_limited_to_avx2():
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN refuse bf16/fp16 inner products, as on an AVX2-only EPYC."""
+    code = (
+        "import torch, bert_port as bp\n"
+        "from bert_port import kernels\n"
+        f"cfg = bp.BertConfig(**{SMALL!r})\n"
+        "torch.manual_seed(0); ref = bp.BertModel(cfg).eval()\n"
+        "ids = torch.randint(1, 99, (4, 40)); mask = torch.ones_like(ids); mask[1:, 25:] = 0\n"
+        "with torch.no_grad():\n"
+        "    want = ref(ids, None, mask, False)[1]\n"
+        "    for dt in (torch.bfloat16, torch.float16):\n"
+        "        m = bp.BertModel(cfg).eval(); m.load_state_dict(ref.state_dict()); m.to(dt)\n"
+        "        got = m(ids, None, mask, False)[1]\n"
+        "        assert got.dtype == dt and (got.float() - want).abs().max() < 0.1, dt\n"
+        "assert all(v == 'torch' for k, v in kernels.choices().items() if k[0] != torch.float32)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", BERT_PORT_LINEAR="auto")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_modules_are_standard_and_hooks_and_wrappers_are_honoured(forced):
+    model, inputs = small_model(), batch()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is torch.nn.Linear for m in linears)
+    forced("onednn")
+    seen = []
+    handle = model.encoder.layer[0].intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    last_layer(model, inputs)
+    handle.remove()
+    assert seen, "a forward hook on a Linear must run"
+
+    class LoRA(torch.nn.Module):  # the PEFT pattern: wrap the Linear, add a low-rank update
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.a, self.b = base, torch.nn.Linear(base.in_features, 2, bias=False), \
+                torch.nn.Linear(2, base.out_features, bias=False)
+            torch.nn.init.ones_(self.b.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.b(self.a(x))
+
+    before = last_layer(model, inputs)[1]
+    model.encoder.layer[1].attention.self.value = LoRA(model.encoder.layer[1].attention.self.value)
+    assert not torch.allclose(last_layer(model, inputs)[1], before, atol=1e-4)  # the wrapper ran
+
+
+def test_quantize_dynamic_quantizes_every_linear():
+    model, inputs = small_model(bp.BertForSequenceClassification, 3), batch()
+    n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
+    q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    quantized = [m for m in q.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
+    assert len(quantized) == n_linear == 6 * SMALL["num_hidden_layers"] + 2
+    with torch.no_grad():
+        ref, out = model(*inputs), q(*inputs)
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()  # int8: close, not exact
+
+
+def test_unpadded_attention_in_one_launch_matches_per_sequence(monkeypatch):
+    """The path used off CPU (scatter to (B, S), masked SDPA) against the per-sequence loop."""
+    model, inputs = small_model(), batch()
+    per_sequence = last_layer(model, inputs)
+    monkeypatch.setattr(model_module, "PER_SEQUENCE_DEVICES", ())
+    one_launch = last_layer(model, inputs)
+    real = inputs[2].bool()
+    assert (one_launch[0] - per_sequence[0])[real].abs().max() < 1e-5
+    assert (one_launch[1] - per_sequence[1]).abs().max() < 1e-5
+
+
+def test_jit_trace_is_correct_for_another_padding_pattern():
+    model = small_model()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, batch(seed=1, batch=3, seq_len=17))  # as ppb users do
+    other = batch(seed=5, batch=5, seq_len=31)
+    other[2][0, 4:] = 0
+    seq, pooled = last_layer(model, other)
+    with torch.no_grad():
+        layers, tpooled = traced(*other)
+    tseq = layers[-1]
+    assert (tseq - seq)[other[2].bool()].abs().max() < 1e-5 and (tpooled - pooled).abs().max() < 1e-5
+
+
+def test_torch_export_and_compile():
+    model, inputs = small_model(), batch()
+    seq, pooled = last_layer(model, inputs)
+    program = torch.export.export(model, (*inputs, False))
+    eseq, epooled = program.module()(*inputs, False)
+    assert (eseq - seq)[inputs[2].bool()].abs().max() < 1e-5 and (epooled - pooled).abs().max() < 1e-5
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        cseq, cpooled = compiled(*inputs, False)
+    assert (cseq - seq)[inputs[2].bool()].abs().max() < 1e-5 and (cpooled - pooled).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("head", ["BertModel", "BertForTokenClassification", "BertForQuestionAnswering"])
+def test_onnx_export_runs_in_onnxruntime_with_dynamic_axes(tmp_path, exporter, head):
+    ort = pytest.importorskip("onnxruntime")
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    from bert_port.export import INPUT_NAMES, export_onnx
+
+    args = (5,) if head == "BertForTokenClassification" else ()
+    model = small_model(getattr(bp, head), *args)
+    export_onnx(model, tmp_path / "m.onnx", head, exporter=exporter)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for inputs in (batch(seed=2, batch=3, seq_len=23), batch(seed=3, batch=6, seq_len=9)):
+        with torch.no_grad():
+            ours = model(*inputs) if head != "BertModel" else model(*inputs, output_all_encoded_layers=False)
+        ours = ours if isinstance(ours, tuple) else (ours,)
+        theirs = session.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
+        real = inputs[2].bool().numpy()
+        for a, b in zip(ours, theirs):
+            a = a.numpy()
+            diff = np.abs(a - b)[real] if a.shape[:2] == real.shape else np.abs(a - b)
+            assert diff.max() < 1e-5, (head, exporter, diff.max())
+
+
+def test_export_cli(tmp_path, minilm_dir):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "minilm.onnx"
+    cmd = [sys.executable, "-m", "bert_port.export", str(minilm_dir), "--out", str(out), "--exporter", "torchscript"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.is_file() and "parity: max |bert_port - onnxruntime|" in result.stdout and ": ok" in result.stdout
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "exists" in again.stderr
+    missing = subprocess.run([sys.executable, "-m", "bert_port.export", str(tmp_path / "nope"), "--out",
+                              str(tmp_path / "x.onnx")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and not (tmp_path / "x.onnx").exists()
