@@ -94,16 +94,16 @@ def _load(model: torch.nn.Module, weights: Dict[str, torch.Tensor], prefix: str 
 
 
 def make_model(impl: str, head: str = "base", num_labels: int = 2) -> torch.nn.Module:
-    """impl: ours | hf_sdpa | hf_eager | ppb. head: base (BertModel) or cls (sequence classification).
+    """impl: ours | ours_fast (BertConfig(fast_dropout=True)) | hf_sdpa | hf_eager | ppb. head: base (BertModel) or cls (sequence classification).
 
     Returned in eval mode with the shared weights (the classifier head, if any, seeded alike).
     """
     weights = base_weights()
-    if impl == "ours":
+    if impl in ("ours", "ours_fast"):
         import bert_port as bp
 
-        model = bp.BertModel(ours_config()) if head == "base" else \
-            bp.BertForSequenceClassification(ours_config(), num_labels)
+        config = ours_config(fast_dropout=impl == "ours_fast")
+        model = bp.BertModel(config) if head == "base" else bp.BertForSequenceClassification(config, num_labels)
     elif impl.startswith("hf_"):
         import transformers
 
@@ -207,14 +207,62 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def machine() -> str:
-    model = platform.processor() or "?"
+    """The CPU (model, family/model numbers, the ISA flags that decide kernels) and library versions."""
+    info: Dict[str, str] = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return (f"{datetime.date.today()} | {model}, {os.cpu_count()} cpus, torch.set_num_threads("
-            f"{torch.get_num_threads()}) | torch {torch.__version__} | capability "
-            f"{torch.backends.cpu.get_cpu_capability()}")
+    flags = set(info.get("flags", "").split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    import re
+
+    config = torch.__config__.show()
+    onednn = re.search(r"MKL-DNN (v[\d.]+)", config)
+    mkl = re.search(r"Math Kernel Library Version ([\d.]+)", config) or re.search(r"oneMKL.*?([\d.]{4,})", config)
+    return (f"{datetime.date.today()} | {info.get('model name', platform.processor() or '?')} "
+            f"(family {info.get('cpu family', '?')}, model {info.get('model', '?')}), {os.cpu_count()} cpus, "
+            f"torch.set_num_threads({torch.get_num_threads()}) | ISA: {' '.join(isa) or 'none of avx2/avx512'} "
+            f"(no {' '.join(f for f in ('avx512f', 'avx512_bf16', 'amx_bf16') if f not in flags) or '-'}) | "
+            f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"oneDNN {onednn.group(1) if onednn else '?'}, MKL {mkl.group(1) if mkl else '?'}")
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime anchor
+
+def make_ort(model: torch.nn.Module, threads: int = THREADS, path: Optional[str] = None):
+    """HF `model` exported with torch.onnx.export (dynamic batch/sequence), run by ONNX Runtime's CPU EP
+    with all graph optimisations on and `threads` intra-op threads: the deployment anchor."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    path = path or os.path.join(tempfile.mkdtemp(prefix="bench_ort_"), "bert.onnx")
+    names = ["input_ids", "token_type_ids", "attention_mask"]
+    example = make_batch(2, 16, (8, 16))
+
+    class Last(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, i, t, a):
+            return self.m(input_ids=i, token_type_ids=t, attention_mask=a).last_hidden_state
+
+    with torch.no_grad():
+        torch.onnx.export(Last(model).eval(), example, path, input_names=names, output_names=["last_hidden_state"],
+                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names + ["last_hidden_state"]},
+                          opset_version=17, dynamo=False)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+    def forward(i, t, a):
+        out = session.run(None, {"input_ids": i.numpy(), "token_type_ids": t.numpy(), "attention_mask": a.numpy()})
+        return torch.from_numpy(out[0])
+
+    return forward

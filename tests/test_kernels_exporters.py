@@ -210,3 +210,22 @@ def test_export_cli(tmp_path, minilm_dir):
     missing = subprocess.run([sys.executable, "-m", "bert_port.export", str(tmp_path / "nope"), "--out",
                               str(tmp_path / "x.onnx")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr and not (tmp_path / "x.onnx").exists()
+
+
+def test_fast_dropout_is_opt_in_and_skips_padding_in_training():
+    inputs = batch()
+    pad = ~inputs[2].bool()
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = bp.BertModel(bp.BertConfig(**SMALL, fast_dropout=fast)).train()
+        layers, pooled = model(*inputs)
+        assert torch.isfinite(pooled).all()
+        # ppb's stream (default) computes padded positions as the reference; the opt-in skips them
+        assert (layers[-1][pad].abs().sum() == 0) == fast
+    torch.manual_seed(0)
+    exact = bp.BertModel(bp.BertConfig(**dict(SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)))
+    fast = bp.BertModel(bp.BertConfig(**dict(SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                                      fast_dropout=True))
+    fast.load_state_dict(exact.state_dict())
+    a, b = exact.train()(*inputs, False)[1], fast.train()(*inputs, False)[1]
+    assert (a - b).abs().max() < 1e-5  # without dropout the two agree
