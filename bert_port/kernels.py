@@ -32,7 +32,7 @@ MIN_ROWS = 16
 # oneDNN must beat F.linear by this factor to be chosen: a tie goes to the standard kernel.
 MARGIN = 0.95
 
-Key = Tuple[torch.dtype, int, int, str, int]
+Key = Tuple[torch.dtype, int, int, str, int, bool]
 _choices: Dict[Key, str] = {}
 
 
@@ -51,7 +51,7 @@ _FUSABLE: Dict[Callable, Tuple[str, str]] = {gelu: ("gelu", "none"), gelu_tanh: 
 
 
 def choices() -> Dict[Key, str]:
-    """What was decided so far: (dtype, in_features, out_features, epilogue, rows bucket) -> kernel."""
+    """What was decided so far: (dtype, in_features, out_features, epilogue, rows bucket, autograd) -> kernel."""
     return dict(_choices)
 
 
@@ -65,7 +65,8 @@ def linear(module: nn.Module, x: torch.Tensor, act: Optional[Callable] = None,
     """act(module(x)) + residual, on the kernel chosen for this machine."""
     if _plain(module, x, residual):
         rows = x.numel() // x.shape[-1]
-        key = (x.dtype, module.in_features, module.out_features, _epilogue(act, residual), rows.bit_length())
+        key = (x.dtype, module.in_features, module.out_features, _epilogue(act, residual), rows.bit_length(),
+               _needs_grad(module, x, residual))
         choice = _choices.get(key) or _decide(key, module, x, act, residual, rows)
         if choice == "onednn":
             return _onednn(module, x, act, residual)
@@ -93,30 +94,48 @@ def _epilogue(act: Optional[Callable], residual: Optional[torch.Tensor]) -> str:
     return "add" if residual is not None else "none"
 
 
+def _needs_grad(module: nn.Linear, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and (module.weight.requires_grad or x.requires_grad
+                                        or (module.bias is not None and module.bias.requires_grad)
+                                        or (residual is not None and residual.requires_grad))
+
+
 def _decide(key: Key, module, x, act, residual, rows: int) -> str:
+    """Run both kernels once, check they agree, time them (forward, plus backward under autograd)."""
     forced = os.environ.get("BERT_PORT_LINEAR", "auto").strip().lower()
     if forced not in ("auto", "torch", "onednn"):
         raise ValueError(f"BERT_PORT_LINEAR={forced!r}: use auto, torch or onednn")
-    if forced == "torch" or (forced == "auto" and rows < MIN_ROWS):
-        _choices[key] = "torch"
-        return "torch"
-    with torch.no_grad():
+    choice = "torch"
+    if forced == "onednn" or (forced == "auto" and rows >= MIN_ROWS):
+        grad = key[-1]
+        # Detached copies: measuring must not touch the module's .grad or the caller's autograd graph.
+        probe = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                          device=x.device, dtype=x.dtype)
+        with torch.no_grad():
+            probe.weight.copy_(module.weight)
+            if module.bias is not None:
+                probe.bias.copy_(module.bias)
+        probe.requires_grad_(grad)
+        xs, rs = x.detach(), None if residual is None else residual.detach()
+
+        def run(kernel):
+            with torch.set_grad_enabled(grad):
+                y = kernel(probe, xs, act, rs)
+                if grad:
+                    y.backward(torch.ones_like(y))
+            return y.detach()
+
         try:
-            fast = _onednn(module, x, act, residual)
+            fast = run(_onednn)
         except RuntimeError:  # e.g. no bf16 primitive on an AVX2-only CPU
-            _choices[key] = "torch"
-            return "torch"
-        ref = linear_reference(module, x, act, residual)
+            fast = None
+        ref = run(linear_reference)
         tol = 1e-4 if x.dtype == torch.float32 else 3e-2
-        if not torch.allclose(fast.float(), ref.float(), rtol=tol, atol=tol * (1 + float(ref.abs().max()))):
-            _choices[key] = "torch"
-            return "torch"
-        if forced == "onednn":
-            choice = "onednn"
-        else:
-            t_fast = _best_time(lambda: _onednn(module, x, act, residual))
-            t_ref = _best_time(lambda: linear_reference(module, x, act, residual))
-            choice = "onednn" if t_fast < MARGIN * t_ref else "torch"
+        if fast is not None and torch.allclose(fast.float(), ref.float(), rtol=tol,
+                                               atol=tol * (1 + float(ref.abs().max()))):
+            if forced == "onednn" or _best_time(lambda: run(_onednn)) < MARGIN * _best_time(
+                    lambda: run(linear_reference)):
+                choice = "onednn"
     _choices[key] = choice
     return choice
 
@@ -140,9 +159,7 @@ def _best_time(fn: Callable[[], torch.Tensor], repeats: int = 3) -> float:
 def _onednn(module: nn.Linear, x: torch.Tensor, act=None, residual=None) -> torch.Tensor:
     w, b = module.weight, module.bias
     x2 = x.reshape(-1, x.shape[-1])
-    grad = torch.is_grad_enabled() and (w.requires_grad or x.requires_grad or (b is not None and b.requires_grad)
-                                        or (residual is not None and residual.requires_grad))
-    if grad:  # autograd: plain matmul forward and backward on oneDNN, epilogue in torch
+    if _needs_grad(module, x, residual):  # autograd: plain matmul forward and backward on oneDNN, epilogue in torch
         if x.dtype != torch.float32:
             return linear_reference(module, x, act, residual)
         y = _OneDnnLinear.apply(x2.contiguous(), w, b).view(*x.shape[:-1], -1)
