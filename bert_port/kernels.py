@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -108,14 +109,10 @@ def _decide(key: Key, module, x, act, residual, rows: int) -> str:
     choice = "torch"
     if forced == "onednn" or (forced == "auto" and rows >= MIN_ROWS):
         grad = key[-1]
-        # Detached copies: measuring must not touch the module's .grad or the caller's autograd graph.
-        probe = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                          device=x.device, dtype=x.dtype)
-        with torch.no_grad():
-            probe.weight.copy_(module.weight)
-            if module.bias is not None:
-                probe.bias.copy_(module.bias)
-        probe.requires_grad_(grad)
+        # Detached copies: measuring must not touch the module's .grad, the caller's autograd graph,
+        # or the global random stream (building an nn.Linear would draw its init from it).
+        probe = SimpleNamespace(weight=module.weight.detach().clone().requires_grad_(grad),
+                                bias=None if module.bias is None else module.bias.detach().clone().requires_grad_(grad))
         xs, rs = x.detach(), None if residual is None else residual.detach()
 
         def run(kernel):
