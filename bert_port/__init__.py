@@ -22,8 +22,8 @@ _EXPORTS = {
     "BertAdam": "bert_port.optimization",
     "PYTORCH_PRETRAINED_BERT_CACHE": "bert_port.file_utils",
     "cached_path": "bert_port.file_utils",
-    "WEIGHTS_NAME": "bert_port.pretrained",
-    "CONFIG_NAME": "bert_port.pretrained",
+    "WEIGHTS_NAME": "bert_port.file_utils",
+    "CONFIG_NAME": "bert_port.file_utils",
 }
 _SUBMODULES = {"cache", "config", "data", "demo", "export", "file_utils", "finetune", "heads", "hub", "io", "kernels",
                "metrics", "model", "modeling", "optimization", "pretrained", "tokenization"}

@@ -19,7 +19,6 @@ import torch.distributed as dist
 class DistContext:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -80,4 +79,4 @@ def setup(want_cuda: bool = True) -> DistContext:
     if world > 1 and not dist.is_initialized():
         kwargs = {"device_id": device} if cuda else {}
         dist.init_process_group(backend="nccl" if cuda else "gloo", init_method="env://", **kwargs)
-    return DistContext(rank, world, local, device)
+    return DistContext(rank=rank, world_size=world, device=device)

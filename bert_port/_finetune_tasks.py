@@ -1,8 +1,9 @@
 """The two fine-tuning tasks of `bert_port.finetune`: token tagging and sequence classification.
 
-Each task knows how to read its files, build the label list, make training features, compute
-the summed training loss of a batch, predict, and score predictions with counts that add up
-across ranks (so distributed evaluation sums counts instead of gathering predictions).
+A task is an object (TASKS maps the command name to it) that knows how to read its files, build the
+label list, make training features, compute the summed training loss of a batch, predict, and
+score predictions with counts that add up across ranks (so distributed evaluation sums counts
+instead of gathering predictions).
 """
 from __future__ import annotations
 
@@ -53,39 +54,32 @@ class TagTask:
     name = "tag"
     model_cls = BertForTokenTagging
 
-    @staticmethod
-    def read(path) -> List[D.Sentence]:
+    def read(self, path) -> List[D.Sentence]:
         return D.read_conll(path)
 
-    @staticmethod
-    def labels(train: Sequence[D.Sentence], dev: Sequence[D.Sentence]) -> List[str]:
+    def labels(self, train: Sequence[D.Sentence], dev: Sequence[D.Sentence]) -> List[str]:
         return D.tag_labels(s.tags for s in list(train) + list(dev))
 
-    @staticmethod
-    def train_features(examples, tokenizer, label2id, max_seq_length) -> Tuple[List[D.Features], int]:
+    def train_features(self, examples, tokenizer, label2id, max_seq_length) -> Tuple[List[D.Features], int]:
         """Features (truncated to whole words) and how many sentences lost words to truncation."""
         feats = [D.encode_tagged(s.words, s.tags, tokenizer, label2id, max_seq_length) for s in examples]
         return feats, sum(f.consumed < len(s.words) for f, s in zip(feats, examples))
 
-    @staticmethod
-    def prepare(model: torch.nn.Module) -> None:
+    def prepare(self, model: torch.nn.Module) -> None:
         # The pooler does not feed the tagging loss: freeze it so DDP does not wait for its grads.
         model.bert.pooler.requires_grad_(False)
 
-    @staticmethod
-    def loss_sum(model, batch) -> Tuple[torch.Tensor, int]:
+    def loss_sum(self, model, batch) -> Tuple[torch.Tensor, int]:
         """Summed cross-entropy over labelled tokens (first pieces) and their number."""
         logits = model(batch["input_ids"], batch["segment_ids"], batch["input_mask"])  # (B, S, C)
         labels = batch["labels"]
         sel = labels != D.IGNORE
         return F.cross_entropy(logits[sel].float(), labels[sel], reduction="sum"), int(sel.sum())
 
-    @staticmethod
-    def count(batch) -> int:
+    def count(self, batch) -> int:
         return int((batch["labels"] != D.IGNORE).sum())
 
-    @staticmethod
-    def predict(model, examples: Sequence[D.Sentence], tokenizer, labels: Sequence[str], max_seq_length: int,
+    def predict(self, model, examples: Sequence[D.Sentence], tokenizer, labels: Sequence[str], max_seq_length: int,
                 batch_size: int, device, amp: AmpContext = no_amp) -> List[List[str]]:
         """Predicted tags per word; long sentences are split into windows so no word is lost."""
         windows = [D.encode_windows(s.words, None, tokenizer, None, max_seq_length) for s in examples]
@@ -98,17 +92,14 @@ class TagTask:
             out.append([labels[i] for i in ids])
         return out
 
-    @staticmethod
-    def score(examples: Sequence[D.Sentence], predicted: Sequence[Sequence[str]], labels) -> M.EntityCounts:
+    def score(self, examples: Sequence[D.Sentence], predicted: Sequence[Sequence[str]], labels) -> M.EntityCounts:
         return M.entity_counts([s.tags for s in examples], predicted,
                                iobes=any(lab.startswith("S-") for lab in labels))
 
-    @staticmethod
-    def zero(labels) -> M.EntityCounts:
+    def zero(self, labels) -> M.EntityCounts:
         return M.EntityCounts()
 
-    @staticmethod
-    def summary(scores: dict) -> str:
+    def summary(self, scores: dict) -> str:
         return f"f1 {scores['f1']:.4f} (P {scores['precision']:.4f} R {scores['recall']:.4f})"
 
 
@@ -118,54 +109,45 @@ class ClassifyTask:
     name = "classify"
     model_cls = BertForSequenceClassification
 
-    @staticmethod
-    def read(path) -> List[D.PairExample]:
+    def read(self, path) -> List[D.PairExample]:
         return D.read_glue_tsv(path)
 
-    @staticmethod
-    def labels(train, dev) -> List[str]:
+    def labels(self, train, dev) -> List[str]:
         return D.class_labels(e.label for e in list(train) + list(dev))
 
-    @staticmethod
-    def train_features(examples, tokenizer, label2id, max_seq_length) -> Tuple[List[D.Features], int]:
+    def train_features(self, examples, tokenizer, label2id, max_seq_length) -> Tuple[List[D.Features], int]:
         feats = [D.encode_pair(e.text_a, e.text_b, tokenizer, max_seq_length, label2id[e.label]) for e in examples]
         def full_length(e):
             b = len(tokenizer.tokenize(e.text_b)) + 1 if e.text_b is not None else 0
             return len(tokenizer.tokenize(e.text_a)) + 2 + b
         return feats, sum(full_length(e) > max_seq_length for e in examples)
 
-    @staticmethod
-    def prepare(model: torch.nn.Module) -> None:
+    def prepare(self, model: torch.nn.Module) -> None:
         pass
 
-    @staticmethod
-    def loss_sum(model, batch) -> Tuple[torch.Tensor, int]:
+    def loss_sum(self, model, batch) -> Tuple[torch.Tensor, int]:
         logits = model(batch["input_ids"], batch["segment_ids"], batch["input_mask"])  # (B, C)
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), int(batch["labels"].numel())
 
-    @staticmethod
-    def count(batch) -> int:
+    def count(self, batch) -> int:
         return int(batch["labels"].numel())
 
-    @staticmethod
-    def predict(model, examples: Sequence[D.PairExample], tokenizer, labels: Sequence[str], max_seq_length: int,
+    def predict(self, model, examples: Sequence[D.PairExample], tokenizer, labels: Sequence[str], max_seq_length: int,
                 batch_size: int, device, amp: AmpContext = no_amp) -> List[str]:
         feats = [D.encode_pair(e.text_a, e.text_b, tokenizer, max_seq_length) for e in examples]
         return [labels[i] for i in argmax_predictions(model, feats, batch_size, device, D.pad_id_of(tokenizer), amp)]
 
-    @staticmethod
-    def score(examples: Sequence[D.PairExample], predicted: Sequence[str], labels) -> M.ClassCounts:
+    def score(self, examples: Sequence[D.PairExample], predicted: Sequence[str], labels) -> M.ClassCounts:
         index = {lab: i for i, lab in enumerate(labels)}
         return M.ClassCounts(len(labels)).add([index[e.label] for e in examples], [index[p] for p in predicted])
 
-    @staticmethod
-    def zero(labels) -> M.ClassCounts:
+    def zero(self, labels) -> M.ClassCounts:
         return M.ClassCounts(len(labels))
 
-    @staticmethod
-    def summary(scores: dict) -> str:
+    def summary(self, scores: dict) -> str:
         return f"f1 {scores['f1']:.4f} accuracy {scores['accuracy']:.4f}"
 
 
-TASKS = {"tag": TagTask, "classify": ClassifyTask}
-ARCHITECTURES = {"BertForTokenClassification": TagTask, "BertForSequenceClassification": ClassifyTask}
+TAG, CLASSIFY = TagTask(), ClassifyTask()
+TASKS = {task.name: task for task in (TAG, CLASSIFY)}
+ARCHITECTURES = {"BertForTokenClassification": TAG, "BertForSequenceClassification": CLASSIFY}

@@ -16,6 +16,7 @@ ranks it repeats up to N-1 examples so that every rank gets the same number.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -23,8 +24,9 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -41,13 +43,42 @@ PLOT_NAME = "training.png"
 METRICS_NAME = "metrics.json"
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one fine-tuning run needs to know, fixed before it starts (the CLI flags of
+    `tag` / `classify`, with --max-seq-length resolved against the model)."""
+
+    task: str
+    out: Path
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    eval_batch_size: Optional[int]
+    max_seq_length: int
+    optimizer: str
+    lr: float
+    warmup_proportion: float
+    weight_decay: float
+    max_grad_norm: float
+    fp16: bool
+    bf16: bool
+    seed: int
+    checkpoint: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **resolved: Any) -> "TrainConfig":
+        """The run's settings from parsed flags; `resolved` overrides (the task name, the length)."""
+        values = {f.name: resolved[f.name] if f.name in resolved else getattr(args, f.name) for f in fields(cls)}
+        return cls(**{**values, "out": Path(values["out"])})
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def amp_context(args, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+def amp_context(args: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     if args.fp16:
         return functools.partial(torch.autocast, device_type=device.type, dtype=torch.float16)
     if args.bf16:
@@ -93,11 +124,11 @@ def plot(history: Dict, path: Path, log: Callable[[str], None]) -> None:
     plt.close(fig)
 
 
-def train(args, ctx: DistContext, tokenizer, model, train_examples, dev_examples, labels: List[str],
+def train(args: TrainConfig, ctx: DistContext, tokenizer, model, train_examples, dev_examples, labels: List[str],
           log: Callable[[str], None]) -> Dict:
     """Fine-tune `model` in place; rank 0 writes checkpoints, metrics.json and the plot to args.out."""
     task = TASKS[args.task]
-    out = Path(args.out)
+    out = args.out
     label2id = {lab: i for i, lab in enumerate(labels)}
     D.attach_label_map(model.config, labels)
     task.prepare(model)
@@ -185,7 +216,7 @@ def train(args, ctx: DistContext, tokenizer, model, train_examples, dev_examples
     return history
 
 
-def _optimizer_step(args, model, optimizer, scheduler, scaler) -> None:
+def _optimizer_step(args: TrainConfig, model, optimizer, scheduler, scaler) -> None:
     """One update. BertAdam clips per tensor inside step(); AdamW clips the global norm here."""
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -201,7 +232,7 @@ def _optimizer_step(args, model, optimizer, scheduler, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def evaluate(task, model, dev_shard, tokenizer, labels, args, ctx: DistContext, amp) -> Dict:
+def evaluate(task, model, dev_shard, tokenizer, labels, args: TrainConfig, ctx: DistContext, amp) -> Dict:
     """Dev scores over all ranks: each predicts its shard, the additive counts are gathered and summed."""
     counts = task.zero(labels)
     if dev_shard:

@@ -71,11 +71,11 @@ def read_lines(path: PathLike, encoding: str = "utf-8") -> List[str]:
         with open(path, encoding=encoding) as f:
             return f.read().splitlines()
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-    except IsADirectoryError:
-        raise ValueError(f"{path}: is a directory, expected a file") from None
+        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from e
+    except IsADirectoryError as e:
+        raise ValueError(f"{path}: is a directory, expected a file") from e
     except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from e
 
 
 def read_conll(path: PathLike, require_tags: bool = True) -> List[Sentence]:
@@ -118,7 +118,7 @@ def read_text(path: PathLike) -> List[Sentence]:
 # Header names of the GLUE TSV layouts we read: (label, text_a, text_b); MRPC's columns are
 # Quality, #1 ID, #2 ID, #1 String, #2 String.
 _LABEL_COLS = ("Quality", "label")
-_A_COLS = ("#1 String", "sentence1", "sentence", "question1", "question")
+TEXT_A_COLUMNS = ("#1 String", "sentence1", "sentence", "question1", "question")
 _B_COLS = ("#2 String", "sentence2", "question2")
 
 
@@ -131,11 +131,11 @@ def read_glue_tsv(path: PathLike, require_labels: bool = True) -> List[PairExamp
     if not lines:
         raise ValueError(f"{path}: empty file, expected a header row")
     header = [h.strip() for h in lines[0].split("\t")]
-    a = next((header.index(c) for c in _A_COLS if c in header), None)
+    a = next((header.index(c) for c in TEXT_A_COLUMNS if c in header), None)
     b = next((header.index(c) for c in _B_COLS if c in header), None)
     y = next((header.index(c) for c in _LABEL_COLS if c in header), None)
     if a is None or (y is None and require_labels):
-        raise ValueError(f"{path}: header {header!r} lacks a text column ({' / '.join(_A_COLS)})"
+        raise ValueError(f"{path}: header {header!r} lacks a text column ({' / '.join(TEXT_A_COLUMNS)})"
                          + ("" if y is not None else f" or a label column ({' / '.join(_LABEL_COLS)})"))
     need = max(i for i in (a, b, y) if i is not None) + 1
     out = []

@@ -13,12 +13,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from converters.atomic import atomic_path
 
 INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 HEADS = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification", "BertForTokenTagging",
@@ -65,37 +66,23 @@ def export_onnx(model: nn.Module, path: os.PathLike, head: str, *, exporter: str
     example = example_inputs(model.config, 2, 16, seed=0)
     names = output_names(head)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad():
-            if exporter == "dynamo":
-                batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
-                shapes = {n: {0: batch, 1: seq} for n in INPUT_NAMES}
-                program = torch.onnx.export(wrapped, example, dynamic_shapes=shapes, input_names=INPUT_NAMES,
-                                            output_names=names, opset_version=opset, dynamo=True, verbose=False)
-                program.save(tmp)
-            else:
-                axes = {n: {0: "batch", 1: "seq"} for n in INPUT_NAMES}
-                axes.update({n: {0: "batch", 1: "seq"} if _has_seq_axis(head, n) else {0: "batch"} for n in names})
-                torch.onnx.export(wrapped, example, tmp, input_names=INPUT_NAMES, output_names=names,
-                                  dynamic_axes=axes, opset_version=opset, dynamo=False)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, torch.no_grad():
+        if exporter == "dynamo":
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.config.max_position_embeddings)
+            shapes = {n: {0: batch, 1: seq} for n in INPUT_NAMES}
+            program = torch.onnx.export(wrapped, example, dynamic_shapes=shapes, input_names=INPUT_NAMES,
+                                        output_names=names, opset_version=opset, dynamo=True, verbose=False)
+            program.save(tmp)
+        else:
+            axes = {n: {0: "batch", 1: "seq"} for n in INPUT_NAMES}
+            axes.update({n: {0: "batch", 1: "seq"} if _has_seq_axis(head, n) else {0: "batch"} for n in names})
+            torch.onnx.export(wrapped, example, tmp, input_names=INPUT_NAMES, output_names=names,
+                              dynamic_axes=axes, opset_version=opset, dynamo=False)
 
 
 def _has_seq_axis(head: str, name: str) -> bool:
     return name not in ("pooled_output", "seq_relationship_score") and head not in (
         "BertForSequenceClassification", "BertForNextSentencePrediction")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_onnx(model: nn.Module, path: os.PathLike, head: str) -> Optional[float]:

@@ -1,6 +1,6 @@
 """pytorch_pretrained_bert 0.6.2's `file_utils` names: the cache location, file names and `cached_path`.
 
-The file names of a model directory are defined here (torch-free) and used by the whole package.
+The file names of a model directory are defined in `converters.files` and re-exported here.
 """
 from __future__ import annotations
 
@@ -10,11 +10,7 @@ from pathlib import Path
 from typing import Optional, Union
 from urllib.parse import urlparse
 
-WEIGHTS_NAME = "pytorch_model.bin"  # pytorch_pretrained_bert's names
-CONFIG_NAME = "config.json"
-BERT_CONFIG_NAME = "bert_config.json"
-TF_WEIGHTS_NAME = "model.ckpt"
-SAFE_WEIGHTS_NAME = "model.safetensors"  # what save_pretrained and the converters write (HF's name)
+from converters.files import BERT_CONFIG_NAME, CONFIG_NAME, SAFE_WEIGHTS_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAME
 
 # The reference's download cache (its value and environment override), for scripts that build
 # `cache_dir` from it. bert_port's own model cache is BERT_PORT_CACHE (see bert_port.hub).
@@ -51,4 +47,5 @@ def cached_path(url_or_filename: Union[str, os.PathLike], cache_dir: Optional[Un
     raise ValueError(f"unable to parse {name} as a URL or as a local path")
 
 
-__all__ = ["CONFIG_NAME", "PYTORCH_PRETRAINED_BERT_CACHE", "WEIGHTS_NAME", "cached_path", "url_to_filename"]
+__all__ = ["BERT_CONFIG_NAME", "CONFIG_NAME", "PYTORCH_PRETRAINED_BERT_CACHE", "SAFE_WEIGHTS_NAME", "TF_WEIGHTS_NAME",
+           "WEIGHTS_NAME", "cached_path", "url_to_filename"]

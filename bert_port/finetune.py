@@ -130,12 +130,11 @@ def run_train(args, log) -> dict:
 
     from bert_port import _finetune_dist as dist
     from bert_port._finetune_tasks import TASKS
-    from bert_port._finetune_train import seed_everything, train
+    from bert_port._finetune_train import TrainConfig, seed_everything, train
 
     if args.fp16 and (args.cpu or not torch.cuda.is_available()):
         raise UsageError("--fp16 needs a CUDA GPU; use --bf16 on CPU")
     task = TASKS[args.command]
-    args.task = task.name
     out = Path(args.out)
     _check_out_dir(out, args.force)
     train_examples, dev_examples = task.read(args.train), task.read(args.dev)
@@ -152,16 +151,16 @@ def run_train(args, log) -> dict:
         seed_everything(args.seed)
         tokenizer, model = _load(task, args.model, len(labels))
         limit = model.config.max_position_embeddings
-        if args.max_seq_length is None:
-            args.max_seq_length = min(128, limit)
-        if args.max_seq_length > limit:
-            raise UsageError(f"--max-seq-length {args.max_seq_length} exceeds the model's max_position_embeddings ({limit})")
+        max_seq_length = min(128, limit) if args.max_seq_length is None else args.max_seq_length
+        if max_seq_length > limit:
+            raise UsageError(f"--max-seq-length {max_seq_length} exceeds the model's max_position_embeddings ({limit})")
+        config = TrainConfig.from_args(args, task=task.name, max_seq_length=max_seq_length)
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
         log(f"{task.name}: {len(train_examples)} train / {len(dev_examples)} dev examples, {len(labels)} labels, "
             f"{ctx.world_size} process(es) on {ctx.device}, global batch "
             f"{args.batch_size * ctx.world_size * args.grad_accum}")
-        history = train(args, ctx, tokenizer, model, train_examples, dev_examples, labels, log)
+        history = train(config, ctx, tokenizer, model, train_examples, dev_examples, labels, log)
         best = history["best"]
         log(f"best epoch {best['epoch']}: dev {task.summary(best)}; saved to {out}")
         ctx.barrier()
@@ -176,7 +175,7 @@ def _detect_format(path: str, task_name: str, labels: List[str]) -> str:
     lines = [ln for ln in D.read_lines(path, encoding="utf-8-sig") if ln.strip()]
     if task_name == "classify":
         header = [h.strip() for h in lines[0].split("\t")] if lines else []
-        return "tsv" if any(c in header for c in D._A_COLS) else "text"
+        return "tsv" if any(c in header for c in D.TEXT_A_COLUMNS) else "text"
     rows = [ln.split() for ln in lines if ln.split()[0] != D.DOCSTART]
     known = set(labels)
     if rows and all(len(r) >= 2 and r[-1] in known for r in rows):
@@ -230,7 +229,7 @@ def run_predict(args, log) -> None:
         try:
             out_file.write_text(text, encoding="utf-8")
         except OSError as e:
-            raise ValueError(f"{out_file}: cannot write ({e.strerror or e})") from None
+            raise ValueError(f"{out_file}: cannot write ({e.strerror or e})") from e
     gold = [e.tags if task.name == "tag" else e.label for e in examples]
     if examples and None not in gold and (task.name == "tag" or set(gold) <= set(labels)):
         scores = task.score(examples, predicted, labels).scores()

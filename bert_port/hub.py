@@ -28,7 +28,6 @@ import urllib.parse
 import shutil
 import stat
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,8 @@ import requests
 import urllib3
 
 from bert_port import cache
-from bert_port._files import open_regular
+from converters.atomic import atomic_write_json, temp_dir_beside
+from converters.files import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def download(
                     kept = f"; {part.size} bytes kept in {part.path} to resume" if part.size else ""
                     error = HubError(f"{url}: download failed after {retries + 1} attempt(s): {e}{kept}")
                     error.resumable = True
-                    raise error from None
+                    raise error from e
                 delay = min(retry_delay * 2 ** attempt, MAX_DELAY, max(0.0, limits.deadline - time.monotonic()))
                 logger.warning("%s: %s; retrying in %.1fs", url, e, delay)
                 time.sleep(delay)
@@ -385,15 +385,15 @@ def _fetch_once(session: requests.Session, url: str, part: _Part, timeout, quiet
                 _stream(r, part, total, quiet, url, limits)
     except (HubError, _Transient):
         raise
-    except (urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError):
-        raise _Transient(f"connection broken after {part.size} bytes") from None
+    except (urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError) as e:
+        raise _Transient(f"connection broken after {part.size} bytes") from e
     except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as e:
-        raise _Transient(f"{type(e).__name__}: {_first_line(e)}") from None
+        raise _Transient(f"{type(e).__name__}: {_first_line(e)}") from e
     except requests.RequestException as e:
-        raise HubError(f"{url}: {_first_line(e)}") from None
+        raise HubError(f"{url}: {_first_line(e)}") from e
     except OSError as e:  # local: disk full, permissions. Free the space; no retry.
         part.reset()
-        raise HubError(f"{part.path}: cannot write while downloading {url}: {e.strerror or e}") from None
+        raise HubError(f"{part.path}: cannot write while downloading {url}: {e.strerror or e}") from e
     if total is not None and part.size != total:
         if part.size > total:
             part.reset()
@@ -508,7 +508,7 @@ def _cache_errors(model: HubModel, s: Settings) -> Iterator[None]:
     except HubError:
         raise
     except OSError as e:
-        raise HubError(f"{model.name}: cannot write to the cache {s.cache_dir}: {e.strerror or e}") from None
+        raise HubError(f"{model.name}: cannot write to the cache {s.cache_dir}: {e.strerror or e}") from e
 
 
 def _fill(model: HubModel, s: Settings, entry: Path) -> None:
@@ -553,7 +553,7 @@ def resolve_vocab(name: str, cache_dir: Optional[PathLike] = None) -> Path:
         if not vocab.is_file():
             download(f"{s.hub_url}/{model.name}/{VOCAB_FILE}", vocab, sha256=model.vocab_sha256,
                      max_bytes=model.max_bytes(VOCAB_FILE))
-        cache.write_json_atomic(tokenizer_config, {"do_lower_case": model.do_lower_case})
+        atomic_write_json(tokenizer_config, {"do_lower_case": model.do_lower_case})
     return vocab
 
 
@@ -589,19 +589,19 @@ def _convert_into(model: HubModel, s: Settings, downloads: Path, fetched: Dict[s
     try:
         from converters.mge2torch import convert
     except ImportError as e:
-        raise HubError(f"{model.name}: the MegEngine converter is unavailable ({e})") from None
-    staging = Path(tempfile.mkdtemp(prefix=f".{model.name}.", suffix=".tmp", dir=s.cache_dir))
+        raise HubError(f"{model.name}: the MegEngine converter is unavailable ({e})") from e
+    staging = temp_dir_beside(s.cache_dir / model.name)
     try:
         out = staging / model.name
         try:
             convert(downloads / model.weights, downloads / CONFIG_FILE, out, vocab=downloads / VOCAB_FILE, force=True)
         except ValueError as e:  # ConversionError: the downloaded bytes are bad; fetch afresh next time
             _remove_downloads(downloads)
-            raise HubError(f"{model.name}: cannot convert the hub files from {s.hub_url}/{model.name}/: {e}") from None
+            raise HubError(f"{model.name}: cannot convert the hub files from {s.hub_url}/{model.name}/: {e}") from e
         if not (out / VOCAB_FILE).is_file():
             shutil.copyfile(downloads / VOCAB_FILE, out / VOCAB_FILE)
         if not (out / "tokenizer_config.json").is_file():  # lets HF tokenizers load the dir with the right casing
-            cache.write_json_atomic(out / "tokenizer_config.json", {"do_lower_case": model.do_lower_case})
+            atomic_write_json(out / "tokenizer_config.json", {"do_lower_case": model.do_lower_case})
         cache.write_manifest(out, model.name, {"hub_url": s.hub_url, "files": fetched})
         cache.install_dir(out, entry)
     finally:

@@ -7,11 +7,7 @@ under the reference's path, plus the reference's module-level names.
 from __future__ import annotations
 
 import logging
-import os
-from typing import Dict, Union
-
-import torch
-from torch import nn
+from typing import Dict
 
 from bert_port.config import BertConfig
 from bert_port.file_utils import cached_path
@@ -23,8 +19,8 @@ from bert_port.kernels import gelu
 from bert_port.model import (ACT2FN, BertAttention, BertEmbeddings, BertEncoder, BertIntermediate, BertLayer,
                              BertLayerNorm, BertModel, BertOutput, BertPooler, BertSelfAttention, BertSelfOutput,
                              swish)
-from bert_port.pretrained import (BERT_CONFIG_NAME, CONFIG_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAME,
-                                  BertPreTrainedModel)
+from bert_port.pretrained import BertPreTrainedModel, load_tf_weights_in_bert
+from converters.files import BERT_CONFIG_NAME, CONFIG_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +33,6 @@ def _archive_map() -> Dict[str, str]:
 
 # Pretrained name -> URL of its MegEngine hub weights (what `from_pretrained(name)` downloads and converts).
 PRETRAINED_MODEL_ARCHIVE_MAP = _archive_map()
-
-
-def load_tf_weights_in_bert(model: nn.Module, tf_checkpoint_path: Union[str, os.PathLike]) -> nn.Module:
-    """Copy a Google TF checkpoint (TF1, TF2 or tensorflow/models naming) into `model`; no TensorFlow needed.
-
-    Optimizer slots are skipped; names the model does not have are logged, as the reference does.
-    Returns the model.
-    """
-    from converters import mapping
-    from converters.tf_checkpoint import TFCheckpointReader
-
-    reader = TFCheckpointReader(tf_checkpoint_path)
-    plan = mapping.plan_from_tf(reader.keys(), getattr(getattr(model, "config", None), "num_hidden_layers", None))
-    state = {}
-    for name, (target, layout) in plan.renames.items():
-        state[target] = torch.from_numpy(mapping.to_layout(reader.get(name), layout).copy())
-    for name in plan.unknown:
-        logger.info("Skipping %s", name)
-    model.load_pretrained_state_dict(state, source=str(tf_checkpoint_path))
-    return model
 
 
 __all__ = [

@@ -17,20 +17,12 @@ import torch
 from torch import nn
 
 from bert_port.config import BertConfig
-from bert_port.file_utils import BERT_CONFIG_NAME, CONFIG_NAME, SAFE_WEIGHTS_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAME
 from bert_port.io import atomic_write_text, load_weights, save_safetensors
+from converters.files import (CONFIG_NAME, CONFIG_NAMES, SAFE_WEIGHTS_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAMES, find_file,
+                              weights_file)
+from converters.mapping import TIED_KEYS
 
 logger = logging.getLogger(__name__)
-
-CONFIG_NAMES = (CONFIG_NAME, BERT_CONFIG_NAME)  # the reference's order of preference
-WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
-
-# Keys that alias another tensor and are never stored: the MLM decoder is the word embedding matrix
-# (HF also exposes the MLM bias as decoder.bias).
-TIED_KEYS = {
-    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-    "cls.predictions.decoder.bias": "cls.predictions.bias",
-}
 
 
 class BertPreTrainedModel(nn.Module):
@@ -81,11 +73,9 @@ class BertPreTrainedModel(nn.Module):
         config = BertConfig.from_json_file(find_file(directory, CONFIG_NAMES, "config"))
         model = cls(config, *inputs, **kwargs)
         if from_tf:
-            from bert_port.modeling import load_tf_weights_in_bert
-
             return load_tf_weights_in_bert(model, _tf_checkpoint(directory))
         if state_dict is None:
-            state_dict = load_weights(_weights_file(directory))
+            state_dict = load_weights(weights_file(directory))
         model.load_pretrained_state_dict(state_dict, source=str(directory))
         return model
 
@@ -129,6 +119,26 @@ class BertPreTrainedModel(nn.Module):
         atomic_write_text(save_directory / CONFIG_NAME, BertConfig.from_dict(config).to_json_string())
 
 
+def load_tf_weights_in_bert(model: nn.Module, tf_checkpoint_path: Union[str, os.PathLike]) -> nn.Module:
+    """Copy a Google TF checkpoint (TF1, TF2 or tensorflow/models naming) into `model`; no TensorFlow needed.
+
+    Optimizer slots are skipped; names the model does not have are logged, as the reference does.
+    Returns the model.
+    """
+    from converters import mapping
+    from converters.tf_checkpoint import TFCheckpointReader
+
+    reader = TFCheckpointReader(tf_checkpoint_path)
+    plan = mapping.plan_from_tf(reader.keys(), getattr(getattr(model, "config", None), "num_hidden_layers", None))
+    state = {}
+    for name, (target, layout) in plan.renames.items():
+        state[target] = torch.from_numpy(mapping.to_layout(reader.get(name), layout).copy())
+    for name in plan.unknown:
+        logger.info("Skipping %s", name)
+    model.load_pretrained_state_dict(state, source=str(tf_checkpoint_path))
+    return model
+
+
 def normalize_keys(state_dict: Dict[str, torch.Tensor], expected: Dict[str, Any]) -> Dict[str, torch.Tensor]:
     """Map checkpoint names onto this model's: old gamma/beta, with or without the `bert.` prefix.
 
@@ -170,25 +180,9 @@ def resolve_model_dir(name_or_path: Union[str, os.PathLike], cache_dir=None) -> 
     )
 
 
-def _weights_file(directory: Path) -> Path:
-    """The newest of the directory's weight files: a script that re-saves `pytorch_model.bin` beside
-    an older `model.safetensors` (or the other way round) gets what it saved last."""
-    found = [directory / n for n in WEIGHTS_NAMES if (directory / n).is_file()]
-    if not found:
-        raise ValueError(f"{directory}: no weights file found (looked for {', '.join(WEIGHTS_NAMES)})")
-    return max(found, key=lambda p: p.stat().st_mtime_ns)
-
-
 def _tf_checkpoint(directory: Path) -> Path:
     """The reference's `model.ckpt`, or Google's `bert_model.ckpt`, in `directory`."""
     for prefix in (TF_WEIGHTS_NAME, "bert_model.ckpt"):
         if (directory / (prefix + ".index")).is_file():
             return directory / prefix
     raise ValueError(f"{directory}: no TF checkpoint found (looked for model.ckpt.index, bert_model.ckpt.index)")
-
-
-def find_file(directory: Path, names, what: str) -> Path:
-    for name in names:
-        if (directory / name).is_file():
-            return directory / name
-    raise ValueError(f"{directory}: no {what} file found (looked for {', '.join(names)})")

@@ -206,7 +206,7 @@ def load_vocab(vocab_file: PathLike) -> "collections.OrderedDict[str, int]":
     """Token -> id, one token per line, stripped as Google and ppb do (HF strips only "\\n"); a
     repeated token keeps its last id. The file must be a regular file of at most 64 MiB (ValueError
     otherwise: a FIFO or /dev/zero would hang or fill memory)."""
-    from bert_port._files import MAX_VOCAB_BYTES, NotARegularFile, open_regular
+    from converters.files import MAX_VOCAB_BYTES, NotARegularFile, open_regular
 
     vocab = collections.OrderedDict()
     try:
@@ -578,7 +578,7 @@ def _resolve_vocab(name_or_path: PathLike, cache_dir: Optional[PathLike]) -> str
 
 
 def _tokenizer_config(directory: str) -> dict:
-    from bert_port._files import NotARegularFile, load_json
+    from converters.files import NotARegularFile, load_json
 
     path = os.path.join(directory, "tokenizer_config.json")
     try:

@@ -6,14 +6,15 @@
                         3 unknown_rank bool}; 3 shard_id int32; 4 offset int64; 5 size int64;
                         6 crc32c fixed32; 7 slices* TensorSliceProto}
 Unknown fields are skipped (forward compatible, like protobuf); a known field with the wrong
-wire type, a group, or a length past the buffer raises `Corrupt`.
+wire type, a group, or a length past the buffer raises `MalformedInput`.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
 
-from converters._tf_table import Corrupt, put_varint, read_varint
+from converters._leveldb_table import put_varint, read_varint
+from converters.errors import MalformedInput
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 MAX_RANK = 64  # numpy's NPY_MAXDIMS; TF allows 254 but no real checkpoint comes close
@@ -29,27 +30,27 @@ def _fields(buf: bytes, what: str) -> list[tuple[int, int, int | bytes]]:
             tag, pos = read_varint(buf, pos, end)
             field, wire = tag >> 3, tag & 7
             if field == 0:
-                raise Corrupt("field number 0")
+                raise MalformedInput("field number 0")
             if wire == _VARINT:
                 value, pos = read_varint(buf, pos, end)
             elif wire == _FIXED64:
                 if end - pos < 8:
-                    raise Corrupt("truncated fixed64")
+                    raise MalformedInput("truncated fixed64")
                 value, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
             elif wire == _FIXED32:
                 if end - pos < 4:
-                    raise Corrupt("truncated fixed32")
+                    raise MalformedInput("truncated fixed32")
                 value, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
             elif wire == _LEN:
                 n, pos = read_varint(buf, pos, end)
                 if n > end - pos:
-                    raise Corrupt(f"length {n} runs past the end of the message")
+                    raise MalformedInput(f"length {n} runs past the end of the message")
                 value, pos = buf[pos:pos + n], pos + n
             else:
-                raise Corrupt(f"unsupported wire type {wire}")
+                raise MalformedInput(f"unsupported wire type {wire}")
             out.append((field, wire, value))
-    except Corrupt as e:
-        raise Corrupt(f"malformed {what} protobuf: {e}") from None
+    except MalformedInput as e:
+        raise MalformedInput(f"malformed {what} protobuf: {e}") from e
     return out
 
 
@@ -57,13 +58,13 @@ def _signed(v: int, bits: int) -> int:
     """Varint int32/int64 fields carry negative numbers as 64-bit two's complement."""
     v = v - (1 << 64) if v >> 63 else v
     if not -(1 << (bits - 1)) <= v < (1 << (bits - 1)):
-        raise Corrupt(f"int{bits} field out of range: {v}")
+        raise MalformedInput(f"int{bits} field out of range: {v}")
     return v
 
 
 def _expect(wire: int, want: int, field: int, what: str) -> None:
     if wire != want:
-        raise Corrupt(f"malformed {what} protobuf: field {field} has wire type {wire}, expected {want}")
+        raise MalformedInput(f"malformed {what} protobuf: field {field} has wire type {wire}, expected {want}")
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _parse_shape(buf: bytes, e: Entry, dims: list[int]) -> None:
                     _expect(w2, _VARINT, f2, "TensorShapeProto.Dim")
                     size = _signed(v2, 64)
             if len(dims) >= MAX_RANK:
-                raise Corrupt(f"impossibly large shape (rank above {MAX_RANK})")
+                raise MalformedInput(f"impossibly large shape (rank above {MAX_RANK})")
             dims.append(size)
         elif field == 3:
             _expect(wire, _VARINT, field, "TensorShapeProto")

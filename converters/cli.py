@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
+from converters.config import GELU_NAMES
 from converters.errors import ConversionError
 
 GELU_HELP = (
@@ -32,7 +33,7 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (config.json + weights); must not exist")
     p.add_argument("--format", dest="fmt", choices=("safetensors", "pytorch"), default="safetensors",
                    help="model.safetensors (default) or pytorch_model.bin")
-    p.add_argument("--gelu", choices=("tanh", "erf"), default="tanh", help=GELU_HELP)
+    p.add_argument("--gelu", choices=sorted(GELU_NAMES), default="tanh", help=GELU_HELP)
 
 
 def main(p: argparse.ArgumentParser, action: Callable[[argparse.Namespace], dict]) -> NoReturn:

@@ -11,30 +11,26 @@ from typing import Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from bert_port._files import MAX_VOCAB_BYTES
 from converters import mapping
+from converters.atomic import atomic_path, atomic_write_text
+from converters.config import ACTIVATIONS, GELU_NAMES, BertConfig
 from converters.errors import ConversionError
+from converters.files import CONFIG_NAME, MAX_VOCAB_BYTES, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, weights_file
 from converters.output import copy_file, list_files, output_directory, write_safetensors
+from converters.weights import load_weights
 
 PathLike = Union[str, os.PathLike]
 
-# What the converted config says, so that bert_port AND HF transformers compute what the source
-# computed: Google's TF BERT and MegEngine's BERT call the tanh approximation "gelu".
-GELU_NAMES = {"tanh": "gelu_new", "erf": "gelu"}
-
-
-def load_config(config_path: PathLike, gelu: str):
+def load_config(config_path: PathLike, gelu: str) -> BertConfig:
     """The source's bert_config.json as a BertConfig whose hidden_act names the function the source
     framework computed ("tanh", the default) or exact GELU ("erf", `--gelu erf`)."""
-    from bert_port.config import BertConfig
-
     if gelu not in GELU_NAMES:
         raise ConversionError(f"--gelu must be one of {sorted(GELU_NAMES)}, got {gelu!r}")
     try:
         config = BertConfig.from_json_file(config_path)
     except ValueError as e:
-        raise ConversionError(str(e)) from None
-    if config.hidden_act in ("gelu", "gelu_new", "gelu_tanh", "gelu_pytorch_tanh"):
+        raise ConversionError(str(e)) from e
+    if ACTIVATIONS.get(config.hidden_act) in ("gelu_erf", "gelu_tanh"):
         config.hidden_act = GELU_NAMES[gelu]
     return config
 
@@ -70,8 +66,6 @@ def write_model_dir(
     force: bool,
 ) -> dict:
     """Write config.json + weights (+ vocab.txt) for a planned conversion. `shapes` are target shapes."""
-    from bert_port.io import atomic_write_text
-
     if fmt not in ("safetensors", "pytorch"):
         raise ConversionError(f"--format must be safetensors or pytorch, got {fmt!r}")
     architecture = check_against_config(source, config_path, shapes, config)
@@ -90,19 +84,18 @@ def write_model_dir(
             n = shapes["classifier.weight"][0]
             hf.setdefault("id2label", {str(i): f"LABEL_{i}" for i in range(n)})
             hf.setdefault("label2id", {f"LABEL_{i}": i for i in range(n)})
-        from bert_port.config import BertConfig
-
-        atomic_write_text(tmp / "config.json", BertConfig.from_dict(hf).to_json_string())
+        atomic_write_text(tmp / CONFIG_NAME, BertConfig.from_dict(hf).to_json_string())
         if vocab is not None:
-            copy_file(Path(vocab), tmp / "vocab.txt", "vocab", MAX_VOCAB_BYTES)
+            copy_file(Path(vocab), tmp / VOCAB_NAME, "vocab", MAX_VOCAB_BYTES)
         if fmt == "safetensors":
             specs = [(name, np.dtype(np.float32), shapes[name]) for name in order]
-            write_safetensors(tmp / "model.safetensors", specs, produce)
+            write_safetensors(tmp / SAFE_WEIGHTS_NAME, specs, produce)
         else:
             import torch
 
             tensors = {name: torch.from_numpy(np.array(produce(name))) for name in order}
-            torch.save(tensors, tmp / "pytorch_model.bin")
+            with atomic_path(tmp / WEIGHTS_NAME) as path:
+                torch.save(tensors, path)
         files = list_files(tmp)
     return {
         "source": source,
@@ -146,23 +139,16 @@ def tf_to_torch(prefix: PathLike, config: PathLike, out_dir: PathLike, *, vocab:
 
 def _canonical_state(model_dir: PathLike) -> Dict[str, np.ndarray]:
     """A bert_port/HF model directory's weights by canonical name (`bert.` prefix added if absent)."""
-    from bert_port.io import load_weights
-    from bert_port.pretrained import WEIGHTS_NAMES
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir}: not a model directory")
-    weights = next((model_dir / n for n in WEIGHTS_NAMES if (model_dir / n).is_file()), None)
-    if weights is None:
-        raise ConversionError(f"{model_dir}: no weights file (looked for {', '.join(WEIGHTS_NAMES)})")
     try:
-        state = load_weights(weights)
+        state = load_weights(weights_file(model_dir))
     except ValueError as e:
-        raise ConversionError(str(e)) from None
+        raise ConversionError(str(e)) from e
     out = {}
     for name, tensor in state.items():
-        canonical = name if name.startswith(("bert.", "cls.", "classifier.", "qa_outputs.")) else "bert." + name
-        out[canonical] = tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
+        out[mapping.canonical_key(name)] = tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
     return out
 
 
@@ -214,7 +200,7 @@ def _refuse_existing(path: PathLike, force: bool) -> None:
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConversionError(f"{Path(path).parent}: cannot create directory ({e.strerror or e})") from None
+        raise ConversionError(f"{Path(path).parent}: cannot create directory ({e.strerror or e})") from e
 
 
 def _export_summary(model_dir, output, plan: mapping.Plan, out: Mapping[str, np.ndarray]) -> dict:

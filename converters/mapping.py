@@ -18,6 +18,16 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+# The first component of every canonical key: the encoder's, then each head's.
+CANONICAL_PREFIXES = ("bert.", "cls.", "classifier.", "qa_outputs.")
+
+# Keys that alias another tensor and are never stored: the MLM decoder is the word embedding matrix
+# (HF also exposes the MLM bias as decoder.bias).
+TIED_KEYS = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+
 _LAYER = "bert/encoder/layer_{i}/"
 _TORCH_LAYER = "bert.encoder.layer.{i}."
 
@@ -182,6 +192,11 @@ def plan_from_tf(names: Iterable[str], encoder_layers: Optional[int] = None) -> 
     return plan
 
 
+def canonical_key(name: str) -> str:
+    """A bert_port/HF state-dict key as a canonical one: BertModel's keys gain the `bert.` prefix."""
+    return name if name.startswith(CANONICAL_PREFIXES) else "bert." + name
+
+
 def plan_from_canonical(names: Iterable[str]) -> Plan:
     """canonical -> TF1 Google names (for torch2tf). The tied decoder and position_ids are dropped."""
     plan = Plan()
@@ -189,7 +204,7 @@ def plan_from_canonical(names: Iterable[str]) -> Plan:
         hit = _apply(_TORCH_TO_TF, name)
         if hit is not None:
             plan.renames[name] = hit
-        elif name in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias") or name.endswith("position_ids"):
+        elif name in TIED_KEYS or name.endswith("position_ids"):
             plan.skipped.append(name)
         else:
             plan.unknown.append(name)

@@ -18,13 +18,13 @@ import contextvars
 import os
 import pickle
 import struct
-import tempfile
 from typing import Any, Dict, Mapping, Union
 
 import numpy as np
 
-from bert_port._files import open_regular
-from converters.errors import ConversionError
+from converters.atomic import atomic_path
+from converters.files import open_regular
+from converters.errors import ConversionError, MalformedInput
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -58,17 +58,13 @@ class _Budget:
 _BUDGET: "contextvars.ContextVar[_Budget | None]" = contextvars.ContextVar("mge_array_budget", default=None)
 
 
-class _Bad(ValueError):
-    """Raised by the stand-ins; `load_mge_pickle` prefixes the file name."""
-
-
 def _shape(value: Any) -> "tuple[int, ...]":
     # dims are bounded before any arithmetic: a shape of memo copies of one 10**100000 int would
     # otherwise cost minutes of bignum multiplication
     if type(value) is not tuple or len(value) > _MAX_NDIM or any(type(d) is not int for d in value):
-        raise _Bad(f"invalid array shape of type {type(value).__name__}")
+        raise MalformedInput(f"invalid array shape of type {type(value).__name__}")
     if any(d < 0 or d > _MAX_DIM for d in value):
-        raise _Bad(f"array shape with a dimension outside [0, {_MAX_DIM}]")
+        raise MalformedInput(f"array shape with a dimension outside [0, {_MAX_DIM}]")
     return value
 
 
@@ -91,7 +87,7 @@ class _DType:
         # numpy writes (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
         if (type(state) is not tuple or len(state) < 5 or state[1] not in ("<", ">", "|", "=")
                 or state[2:5] != (None, None, None)):
-            raise _Bad("unsupported numpy dtype state (only plain numeric dtypes are allowed)")
+            raise MalformedInput("unsupported numpy dtype state (only plain numeric dtypes are allowed)")
         self.order = state[1]
 
     def resolve(self) -> np.dtype:
@@ -101,28 +97,28 @@ class _DType:
 
 def _make_dtype(code: Any = None, align: Any = False, copy: Any = True) -> _DType:
     if type(code) is not str or code not in _DTYPE_CODES:
-        raise _Bad(f"unsupported numpy dtype {shown(code, 20)} (only numeric dtypes are allowed)")
+        raise MalformedInput(f"unsupported numpy dtype {shown(code, 20)} (only numeric dtypes are allowed)")
     return _DType(code)
 
 
 def _from_bytes(raw: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     """Checks the byte count against the claimed shape before numpy sees either."""
     if type(dtype) is not _DType:
-        raise _Bad("array dtype is not a numpy dtype")
+        raise MalformedInput("array dtype is not a numpy dtype")
     dt, shape = dtype.resolve(), _shape(shape)
     if type(raw) not in (bytes, bytearray):
-        raise _Bad(f"array data of type {type(raw).__name__} (expected bytes)")
+        raise MalformedInput(f"array data of type {type(raw).__name__} (expected bytes)")
     need = _nbytes(shape, dt.itemsize)
     if len(raw) != need:
         shape_text = str(shape) if len(shape) <= 8 else f"of rank {len(shape)}"
-        raise _Bad(f"array data holds {len(raw)} bytes but shape {shape_text} of {dt} needs {need}")
+        raise MalformedInput(f"array data holds {len(raw)} bytes but shape {shape_text} of {dt} needs {need}")
     if order not in ("C", "F"):
-        raise _Bad("invalid array memory order")
+        raise MalformedInput("invalid array memory order")
     budget = _BUDGET.get()
     if budget is not None:
         budget.left -= need
         if budget.left < 0:
-            raise _Bad("its arrays hold more bytes than the file (one buffer shared by several arrays?)")
+            raise MalformedInput("its arrays hold more bytes than the file (one buffer shared by several arrays?)")
     return np.frombuffer(raw, dtype=dt).reshape(shape, order=order)
 
 
@@ -136,7 +132,7 @@ class _Frozen:
     __slots__ = ()
 
     def __setstate__(self, state: Any) -> None:
-        raise _Bad("BUILD on a global is not allowed")
+        raise MalformedInput("BUILD on a global is not allowed")
 
 
 class _NDArrayClass(_Frozen):
@@ -170,16 +166,16 @@ class _ArrayState:
 
     def __setstate__(self, state: Any) -> None:
         if type(state) is not tuple or len(state) not in (4, 5):
-            raise _Bad("invalid numpy array state")
+            raise MalformedInput("invalid numpy array state")
         shape, dtype, fortran, raw = state[-4:]
         if (len(state) == 5 and state[0] != 1) or type(fortran) is not bool:
-            raise _Bad("invalid numpy array state")
+            raise MalformedInput("invalid numpy array state")
         self.array = _from_bytes(raw, dtype, shape, "F" if fortran else "C")
 
 
 def _reconstruct(subtype: Any, shape: Any = None, typecode: Any = None) -> _ArrayState:
     if subtype is not _NDARRAY:
-        raise _Bad("numpy _reconstruct of something other than numpy.ndarray")
+        raise MalformedInput("numpy _reconstruct of something other than numpy.ndarray")
     return _ArrayState()
 
 
@@ -194,7 +190,7 @@ def _scalar(dtype: Any, raw: Any = None) -> Any:
 def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     """Protocols 0-2 spell bytes as _codecs.encode(str, 'latin1'); nothing else is allowed."""
     if type(text) is not str or encoding not in ("latin1", "latin-1"):
-        raise _Bad("_codecs.encode is only allowed as encode(str, 'latin1')")
+        raise MalformedInput("_codecs.encode is only allowed as encode(str, 'latin1')")
     return text.encode("latin-1")
 
 
@@ -202,23 +198,23 @@ def _check_key(target: Any, key: Any) -> None:
     """Before a dict insertion: int/tuple/float keys hash predictably (1 + i*(2**61-1) all collide,
     making insertion quadratic), str keys use the per-process random hash, so only str is allowed."""
     if type(target) not in (dict, collections.OrderedDict):
-        raise _Bad(f"SETITEM on a {type(target).__name__} (only dicts take items)")
+        raise MalformedInput(f"SETITEM on a {type(target).__name__} (only dicts take items)")
     if type(key) is not str:
-        raise _Bad(f"state-dict key of type {type(key).__name__} (expected str: a weight file's dicts have str keys only)")
+        raise MalformedInput(f"state-dict key of type {type(key).__name__} (expected str: a weight file's dicts have str keys only)")
     if len(key) > MAX_KEY_CHARS:
-        raise _Bad(f"dict key of {len(key)} characters (limit {MAX_KEY_CHARS})")
+        raise MalformedInput(f"dict key of {len(key)} characters (limit {MAX_KEY_CHARS})")
     if len(target) >= MAX_DICT_ITEMS and key not in target:
-        raise _Bad(f"a dict with more than {MAX_DICT_ITEMS} entries")
+        raise MalformedInput(f"a dict with more than {MAX_DICT_ITEMS} entries")
 
 
 def _ordered_dict(*args: Any) -> "collections.OrderedDict[str, Any]":
     """OrderedDict() (Python 3's pickles), or OrderedDict([[key, value], ...]) (Python 2's)."""
     d: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
     if len(args) > 1 or (args and type(args[0]) not in (list, tuple)):
-        raise _Bad("OrderedDict(...) takes only a list of (key, value) pairs")
+        raise MalformedInput("OrderedDict(...) takes only a list of (key, value) pairs")
     for pair in args[0] if args else ():
         if type(pair) not in (list, tuple) or len(pair) != 2:
-            raise _Bad("OrderedDict(...) takes only a list of (key, value) pairs")
+            raise MalformedInput("OrderedDict(...) takes only a list of (key, value) pairs")
         _check_key(d, pair[0])
         d[pair[0]] = pair[1]
     return d
@@ -227,7 +223,7 @@ def _ordered_dict(*args: Any) -> "collections.OrderedDict[str, Any]":
 def _empty_bytes(*args: Any) -> bytes:
     """Protocols 0-2 spell b'' (an empty array's data) as bytes(); bytes(n) would allocate n."""
     if args:
-        raise _Bad("bytes(...) with arguments is not allowed")
+        raise MalformedInput("bytes(...) with arguments is not allowed")
     return b""
 
 
@@ -251,7 +247,7 @@ class _MgeTensor:
 
     def __setstate__(self, state: Any) -> None:
         if type(state) is not dict or not _TENSOR_STATE_KEYS.issuperset(state):
-            raise _Bad("unexpected MegEngine tensor state (expected a dict with keys from "
+            raise MalformedInput("unexpected MegEngine tensor state (expected a dict with keys from "
                        f"{sorted(_TENSOR_STATE_KEYS)})")
         if "data" in state:
             self.data = state["data"]
@@ -296,7 +292,7 @@ class _BoundedFile:
         if n < 0 or n > self._left:
             if n == 1 and self._left == 0:
                 return b""  # the unpickler turns this into EOFError ("ran out of input")
-            raise _Bad(f"truncated pickle: an opcode needs {n} bytes, only {self._left} are left")
+            raise MalformedInput(f"truncated pickle: an opcode needs {n} bytes, only {self._left} are left")
         data = self._f.read(n)
         self._left -= len(data)
         return data
@@ -311,7 +307,7 @@ def _counted(op: Any) -> Any:
     def run(self: "_RestrictedUnpickler") -> None:
         self._ops += 1
         if self._ops > MAX_OPCODES:
-            raise _Bad(f"more than {MAX_OPCODES} pickle opcodes (a weight file needs a few per tensor)")
+            raise MalformedInput(f"more than {MAX_OPCODES} pickle opcodes (a weight file needs a few per tensor)")
         op(self)
     return run
 
@@ -326,7 +322,7 @@ def _load_setitems(self: "_RestrictedUnpickler") -> None:
     items = self.pop_mark()
     target = self.stack[-1]
     if len(items) % 2:
-        raise _Bad("SETITEMS with an odd number of stack items")
+        raise MalformedInput("SETITEMS with an odd number of stack items")
     for i in range(0, len(items), 2):
         _check_key(target, items[i])
         target[items[i]] = items[i + 1]
@@ -335,7 +331,7 @@ def _load_setitems(self: "_RestrictedUnpickler") -> None:
 def _load_dict(self: "_RestrictedUnpickler") -> None:
     items = self.pop_mark()
     if len(items) % 2:
-        raise _Bad("DICT with an odd number of stack items")
+        raise MalformedInput("DICT with an odd number of stack items")
     d: "dict[str, Any]" = {}
     self.append(d)
     for i in range(0, len(items), 2):
@@ -344,14 +340,14 @@ def _load_dict(self: "_RestrictedUnpickler") -> None:
 
 
 def _no_sets(self: "_RestrictedUnpickler") -> None:
-    raise _Bad("sets are not allowed in a weight file (their items would hash predictably)")
+    raise MalformedInput("sets are not allowed in a weight file (their items would hash predictably)")
 
 
 def _load_bytearray8(self: "_RestrictedUnpickler") -> None:
     # the stock loader allocates (and zero-fills) the claimed size before reading anything
     (n,) = struct.unpack("<Q", self.read(8))
     if n > self._size:
-        raise _Bad(f"truncated pickle: BYTEARRAY8 claims {n} bytes, the file has {self._size}")
+        raise MalformedInput(f"truncated pickle: BYTEARRAY8 claims {n} bytes, the file has {self._size}")
     buf = bytearray(n)
     self.readinto(buf)
     self.append(buf)
@@ -417,7 +413,7 @@ def load_mge_pickle(path: PathLike) -> Dict[str, np.ndarray]:
         raise
     except OSError as e:
         raise ConversionError(f"{where}: cannot read MegEngine pickle ({e.strerror or e})") from e
-    except _Bad as e:
+    except MalformedInput as e:
         raise ConversionError(f"{where}: {e}") from e
     except RecursionError as e:
         raise ConversionError(f"{where}: not a MegEngine pickle (nested too deeply)") from e
@@ -486,33 +482,21 @@ def save_mge_pickle(tensors: Mapping[str, Any], path: PathLike) -> None:
         try:
             array = np.ascontiguousarray(np.asarray(value), dtype="<f4")
         except (TypeError, ValueError, RuntimeError) as e:
-            raise ConversionError(f"{where}: value of '{key}' is not a float array ({e})") from None
+            raise ConversionError(f"{where}: value of '{key}' is not a float array ({e})") from e
         if any(d >= 2 ** 31 for d in array.shape):
             raise ConversionError(f"{where}: '{key}' has a dimension too large for this writer")
         arrays.append((key, array))
     try:
         _write_atomically(where, arrays)
     except OSError as e:
-        raise ConversionError(f"{where}: cannot write MegEngine pickle ({e.strerror or e})") from None
+        raise ConversionError(f"{where}: cannot write MegEngine pickle ({e.strerror or e})") from e
 
 
 def _write_atomically(where: str, arrays: "list[tuple[str, np.ndarray]]") -> None:
-    directory = os.path.dirname(os.path.abspath(where))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(where) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"\x80\x04ccollections\nOrderedDict\n)R(")  # PROTO 4, OrderedDict(), MARK
-            for key, array in arrays:
-                f.write(_op_unicode(key) + _array_header(array.shape, array.nbytes))
-                f.write(array.reshape(-1).view(np.uint8).data)
-                f.write(b"tb")
-            f.write(b"u.")  # SETITEMS, STOP
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, where)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(where) as tmp, open(tmp, "wb") as f:
+        f.write(b"\x80\x04ccollections\nOrderedDict\n)R(")  # PROTO 4, OrderedDict(), MARK
+        for key, array in arrays:
+            f.write(_op_unicode(key) + _array_header(array.shape, array.nbytes))
+            f.write(array.reshape(-1).view(np.uint8).data)
+            f.write(b"tb")
+        f.write(b"u.")  # SETITEMS, STOP

@@ -12,14 +12,14 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from bert_port._files import NotARegularFile, open_regular
+from converters.atomic import atomic_directory, atomic_path
 from converters.errors import ConversionError
+from converters.files import CONFIG_NAME, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, NotARegularFile, open_regular
 
 _SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
                        np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("uint8"): "U8",
@@ -28,7 +28,7 @@ _SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", n
 
 # What a conversion writes into its output directory. `--force` replaces an existing directory only
 # if it holds nothing else (a previous conversion's output), so it can never delete foreign files.
-OUTPUT_NAMES = frozenset({"config.json", "model.safetensors", "pytorch_model.bin", "vocab.txt"})
+OUTPUT_NAMES = frozenset({CONFIG_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, VOCAB_NAME})
 
 
 def check_replaceable(out_dir: Path) -> None:
@@ -57,22 +57,12 @@ def output_directory(out_dir: Path, force: bool) -> Iterator[Path]:
         check_replaceable(out_dir)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     except OSError as e:
-        raise ConversionError(f"{out_dir}: cannot create output directory ({e.strerror or e})") from None
-    try:
+        raise ConversionError(f"{out_dir}: cannot create output directory ({e.strerror or e})") from e
+    with atomic_directory(out_dir) as tmp:
         yield tmp
-        if out_dir.exists():  # --force: swap, then delete the old one
+        if out_dir.exists():
             check_replaceable(out_dir)  # again: it may have changed during the conversion
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_safetensors(path: Path, specs: Sequence[Tuple[str, np.dtype, Tuple[int, ...]]],
@@ -87,7 +77,7 @@ def write_safetensors(path: Path, specs: Sequence[Tuple[str, np.dtype, Tuple[int
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for name, dtype, shape in specs:
             array = np.ascontiguousarray(produce(name), dtype=dtype)
@@ -100,7 +90,7 @@ def copy_file(src: Path, dst: Path, what: str, max_bytes: int) -> None:
     """Copy a regular file of at most `max_bytes` (a FIFO or /dev/zero is refused, not copied
     until the disk is full)."""
     try:
-        with open_regular(src, max_bytes, what) as f, open(dst, "wb") as out:
+        with open_regular(src, max_bytes, what) as f, atomic_path(dst) as tmp, open(tmp, "wb") as out:
             shutil.copyfileobj(f, out)
     except NotARegularFile as e:
         raise ConversionError(str(e)) from e

@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import struct
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Union
 
 import numpy as np
 
-from bert_port._files import check_regular, open_regular
+from converters.atomic import atomic_path
 from converters import _tf_proto as proto
-from converters._tf_table import Corrupt, build_table, crc32c, mask_crc, put_varint, read_table, read_varint
-from converters.errors import ConversionError
+from converters._leveldb_table import build_table, crc32c, mask_crc, put_varint, read_table, read_varint
+from converters.errors import ConversionError, MalformedInput
+from converters.files import check_regular, open_regular
 
 __all__ = ["TFCheckpointReader", "load_tf_checkpoint", "list_variables", "write_tf_checkpoint"]
 
@@ -119,7 +119,7 @@ class TFCheckpointReader:
         try:
             items = read_table(data)
             if not items or items[0][0] != b"":
-                raise Corrupt("no header entry (empty key) in the index")
+                raise MalformedInput("no header entry (empty key) in the index")
             header = proto.parse_header(items[0][1], consumers=(_TENSOR_BUNDLE_VERSION,))
             self._check_header(header)
             self.num_shards = header.num_shards
@@ -128,7 +128,7 @@ class TFCheckpointReader:
             # like TF's CheckpointReader, list only the full-tensor entries.
             self._infos = {key.decode("utf-8", "surrogateescape"): info
                            for key, info in infos if not key.startswith(b"\x00")}
-        except Corrupt as e:
+        except MalformedInput as e:
             raise self._error(str(e)) from e
         self._check_shards()
 
@@ -139,42 +139,42 @@ class TFCheckpointReader:
     @staticmethod
     def _check_header(h: proto.Header) -> None:
         if h.num_shards < 1:
-            raise Corrupt(f"header claims {h.num_shards} data shards")
+            raise MalformedInput(f"header claims {h.num_shards} data shards")
         if h.endianness != 0:
-            raise Corrupt("big-endian checkpoint (header endianness BIG); only little-endian is supported")
+            raise MalformedInput("big-endian checkpoint (header endianness BIG); only little-endian is supported")
         if h.producer < 0 or h.min_consumer > _TENSOR_BUNDLE_VERSION or _TENSOR_BUNDLE_VERSION in h.rejected_consumers:
             shown = ", ".join(map(str, h.bad_consumers))
             if h.num_bad_consumers > len(h.bad_consumers):
                 shown += f", ... ({h.num_bad_consumers} in all)"
-            raise Corrupt(f"unsupported tensor bundle version (producer {h.producer}, "
+            raise MalformedInput(f"unsupported tensor bundle version (producer {h.producer}, "
                           f"min_consumer {h.min_consumer}, bad_consumers [{shown}])")
 
     def _check_entry(self, key: bytes, value: bytes) -> _Info:
         name = _shown(key.decode("utf-8", "backslashreplace"))
         try:
             e = proto.parse_entry(value)
-        except Corrupt as err:
-            raise Corrupt(f"tensor {name}: {err}") from err
+        except MalformedInput as err:
+            raise MalformedInput(f"tensor {name}: {err}") from err
         if e.dtype not in _DTYPES:
-            raise Corrupt(f"tensor {name} has unknown or unsupported dtype code {e.dtype}")
+            raise MalformedInput(f"tensor {name} has unknown or unsupported dtype code {e.dtype}")
         if e.unknown_rank or any(d < 0 for d in e.shape):
-            raise Corrupt(f"tensor {name} has an unknown or negative shape {_fmt_shape(e.shape)}")
+            raise MalformedInput(f"tensor {name} has an unknown or negative shape {_fmt_shape(e.shape)}")
         if not 0 <= e.shard_id < self.num_shards:
-            raise Corrupt(f"tensor {name} is in shard {e.shard_id}, but the header says {self.num_shards} shards")
+            raise MalformedInput(f"tensor {name} is in shard {e.shard_id}, but the header says {self.num_shards} shards")
         if e.offset < 0 or e.size < 0:
-            raise Corrupt(f"tensor {name} has negative offset {e.offset} or size {e.size}")
+            raise MalformedInput(f"tensor {name} has negative offset {e.offset} or size {e.size}")
         count = _num_elements(e.shape)
         label, np_dtype = _DTYPES[e.dtype]
         # numpy refuses shapes whose non-zero dims overflow intp even when a zero dim makes them empty
         if len(e.shape) > _MAX_RANK or _num_elements(tuple(d for d in e.shape if d)) * np_dtype.itemsize >= 1 << 63:
-            raise Corrupt(f"tensor {name} has an impossibly large shape {_fmt_shape(e.shape)}")
+            raise MalformedInput(f"tensor {name} has an impossibly large shape {_fmt_shape(e.shape)}")
         if e.num_slices == 0:
             if e.dtype == DT_STRING:
                 if count + 4 > e.size:  # >= 1 varint byte per element + 4-byte length checksum
-                    raise Corrupt(f"tensor {name}: size {e.size} bytes is too small for "
+                    raise MalformedInput(f"tensor {name}: size {e.size} bytes is too small for "
                                   f"{count} strings (shape {_fmt_shape(e.shape)})")
             elif count * np_dtype.itemsize != e.size:
-                raise Corrupt(f"tensor {name}: size {e.size} bytes disagrees with shape "
+                raise MalformedInput(f"tensor {name}: size {e.size} bytes disagrees with shape "
                               f"{_fmt_shape(e.shape)} ({count} x {label})")
         return _Info(e.dtype, e.shape, e.shard_id, e.offset, e.size, e.crc32c or 0, e.num_slices > 0)
 
@@ -271,8 +271,8 @@ class TFCheckpointReader:
             for _ in range(count):  # count <= size - 4 was checked at open
                 n, pos = read_varint(buf, pos, end)
                 lengths.append(n)
-        except Corrupt as e:
-            raise self._error(f"string tensor {_shown(name)}: bad length: {e}", path) from None
+        except MalformedInput as e:
+            raise self._error(f"string tensor {_shown(name)}: bad length: {e}", path) from e
         packed = b"".join(struct.pack("<I", n) if n <= 0xFFFFFFFF else struct.pack("<Q", n) for n in lengths)
         crc = crc32c(packed)
         if end - pos < 4 or struct.unpack_from("<I", buf, pos)[0] != mask_crc(crc):
@@ -394,30 +394,20 @@ def write_tf_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Tensor]
         raise ConversionError(f"{prefix}: dtype overrides for unknown tensors {sorted(unknown)}")
     plans.sort(key=lambda p: p[0])
     final_data, final_index = data_filename(prefix, 0, 1), prefix + ".index"
-    tag = f".tempstate{secrets.randbits(63)}"
-    tmp_data, tmp_index = final_data + tag, final_index + tag
-    renamed = False
     try:
         items = [(b"", proto.encode_header(num_shards=1, producer=_TENSOR_BUNDLE_VERSION))]
         offset = 0
-        with open(tmp_data, "wb") as f:
+        with atomic_path(final_data) as tmp, open(tmp, "wb") as f:
             for key, _name, code, shape, payload in plans:
                 size, crc = _write_payload(f, payload, code)
                 items.append((key, proto.encode_entry(code, shape, offset, size, crc)))
                 offset += size
-        with open(tmp_index, "wb") as f:
-            f.write(build_table(items))
-        os.replace(tmp_data, final_data)
-        renamed = True
-        os.replace(tmp_index, final_index)
-    except BaseException as e:
-        if renamed:  # index rename failed: do not leave a data shard without its index
+        try:
+            with atomic_path(final_index) as tmp, open(tmp, "wb") as f:
+                f.write(build_table(items))
+        except BaseException:  # do not leave a data shard without its index
             with contextlib.suppress(OSError):
                 os.remove(final_data)
-        if not isinstance(e, OSError):
             raise
-        raise ConversionError(f"{e.filename or prefix}: cannot write TF checkpoint: {e.strerror}") from None
-    finally:
-        for tmp in (tmp_data, tmp_index):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    except OSError as e:
+        raise ConversionError(f"{e.filename or prefix}: cannot write TF checkpoint: {e.strerror}") from e

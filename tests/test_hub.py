@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bert_port import cache, hub
+from bert_port.cache import __main__ as cache_cli
 from tests.hub_server import (  # noqa: F401  (fake_hub and server are fixtures)
     REAL_NAME, REAL_WEIGHTS, ROOT, TEST_NAME, TEST_WEIGHTS, HubServer, assert_matches_megengine, child_command,
     fake_hub, fixture_bytes, run_model, server, sha,
@@ -280,45 +281,45 @@ def test_four_processes_download_each_file_once(fake_hub, tmp_path):
 
 
 def test_cache_cli_fetch_list_remove(fake_hub, capsys, monkeypatch):
-    assert cache.main(["fetch", "bert-tiny-test"]) == 0
+    assert cache_cli.main(["fetch", "bert-tiny-test"]) == 0
     assert capsys.readouterr().out.strip() == str(fake_hub.cache / TEST_NAME)
     monkeypatch.setenv("BERT_PORT_RETRIES", "0")
     fake_hub.server.fail(fake_hub.real_weights_path, "cut")
     with pytest.raises(hub.HubError):
         hub.resolve("bert-base-uncased")  # leaves a partial download behind
 
-    assert cache.main(["list"]) == 0
+    assert cache_cli.main(["list"]) == 0
     out = capsys.readouterr().out
     assert re.search(rf"^{TEST_NAME} +\d+\.\d KiB  complete$", out, re.M), out
     assert re.search(rf"^{REAL_NAME} +.*download in progress or interrupted$", out, re.M), out
 
     (fake_hub.cache / TEST_NAME / "vocab.txt").write_text("short")
-    assert cache.main(["list"]) == 0
+    assert cache_cli.main(["list"]) == 0
     assert re.search(rf"^{TEST_NAME} .* corrupt$", capsys.readouterr().out, re.M)
 
-    assert cache.main(["remove", "bert-base-uncased", TEST_NAME]) == 0
+    assert cache_cli.main(["remove", "bert-base-uncased", TEST_NAME]) == 0
     removed = capsys.readouterr().out.splitlines()
     assert [line.split(" (")[0] for line in removed] == [f"removed {REAL_NAME}", f"removed {TEST_NAME}"]
     assert not (fake_hub.cache / TEST_NAME).exists() and not (fake_hub.cache / "downloads").exists()
 
-    assert cache.main(["remove", TEST_NAME]) == 1
+    assert cache_cli.main(["remove", TEST_NAME]) == 1
     assert f"error: {TEST_NAME}: not in the cache {fake_hub.cache}" in capsys.readouterr().err
-    assert cache.main(["list"]) == 0
+    assert cache_cli.main(["list"]) == 0
     assert capsys.readouterr().out.startswith("(no models in")
 
 
 def test_cache_cli_usage_errors_exit_2(capsys):
     for argv in ([], ["frobnicate"], ["remove"]):
         with pytest.raises(SystemExit) as e:
-            cache.main(argv)
+            cache_cli.main(argv)
         assert e.value.code == 2
     assert "usage:" in capsys.readouterr().err
 
 
 def test_cache_cli_reports_errors_in_one_line(fake_hub, capsys, monkeypatch):
     monkeypatch.setenv("BERT_PORT_OFFLINE", "1")
-    assert cache.main(["fetch", "bert-base-uncased"]) == 1
+    assert cache_cli.main(["fetch", "bert-base-uncased"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {REAL_NAME}: not in the cache") and err.count("\n") == 1
-    assert cache.main(["fetch", "bert-base-klingon"]) == 1
+    assert cache_cli.main(["fetch", "bert-base-klingon"]) == 1
     assert "error: bert-base-klingon: not a known pretrained model name" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import pytest
 
 from converters import ConversionError
 from converters import tf_checkpoint as tfc
-from converters._tf_table import (TABLE_MAGIC, _block_entries, _build_block, _with_trailer, build_table, crc32c,
+from converters._leveldb_table import (TABLE_MAGIC, _block_entries, _build_block, _with_trailer, build_table, crc32c,
                                   mask_crc, put_varint, read_table, read_varint)
 from converters.tf_checkpoint import TFCheckpointReader, list_variables, load_tf_checkpoint, write_tf_checkpoint
 

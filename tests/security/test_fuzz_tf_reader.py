@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from converters import ConversionError
-from converters._tf_table import build_table, crc32c, mask_crc, put_varint, read_table
+from converters._leveldb_table import build_table, crc32c, mask_crc, put_varint, read_table
 from converters.tf_checkpoint import load_tf_checkpoint
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "tf"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from converters import ConversionError
 from converters import _tf_proto as proto
-from converters._tf_table import build_table, crc32c, mask_crc, put_varint
+from converters._leveldb_table import build_table, crc32c, mask_crc, put_varint
 from converters.mge_pickle import load_mge_pickle
 from converters.tf_checkpoint import data_filename, load_tf_checkpoint, write_tf_checkpoint
 from tests.security.child import MiB, expect, run_limited
@@ -268,12 +268,12 @@ def test_tf_names_are_escaped_in_messages(tmp_path):
 @given(st.lists(st.sampled_from([b"\x12\x00", b"\x12\x02\x12\x00", b"\x12\x04\x12\x02\x08\x05", b"\x08\x01",
                                  b"\x28\x10", b"\x3a\x00"]), max_size=400))
 def test_fuzz_entry_field_sequences_parse_linearly(fields):
-    """Any sequence of (repeated) entry fields parses in bounded time, or fails with Corrupt."""
-    from converters._tf_table import Corrupt
+    """Any sequence of (repeated) entry fields parses in bounded time, or fails with MalformedInput."""
+    from converters.errors import MalformedInput
 
     try:
         e = proto.parse_entry(b"".join(fields))
-    except Corrupt as err:
+    except MalformedInput as err:
         assert "rank above" in str(err)
     else:
         assert len(e.shape) <= proto.MAX_RANK

@@ -1,4 +1,4 @@
-"""The on-disk cache of converted pretrained models, and `python -m bert_port.cache`.
+"""The on-disk cache of converted pretrained models (its command line: `bert_port/cache/__main__.py`).
 
 Layout under the cache root (`BERT_PORT_CACHE`, default ~/.cache/bert_port):
 
@@ -16,22 +16,19 @@ killed process never leaves a stale lock behind (not reliable on some network fi
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
 import stat
-import sys
-import tempfile
 import time
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional
 
-from bert_port._files import MiB, load_json, open_regular
+from converters.atomic import atomic_write_json, fsync_path
+from converters.files import MiB, load_json, open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +53,7 @@ def entry_path(root: Path, name: str) -> Path:
     separators, `..`, absolute paths, hidden names, the downloads folder."""
     if (not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name
             or name == DOWNLOADS or name.endswith(".lock")):
-        from bert_port.hub import HubError
-
-        raise HubError(f"{name!r}: not a valid cache entry name (letters, digits, '.', '_', '-'; "
+        raise ValueError(f"{name!r}: not a valid cache entry name (letters, digits, '.', '_', '-'; "
                        "no path separators or '..')")
     return root / name
 
@@ -78,31 +73,6 @@ def file_record(path: Path, sha256: Optional[str] = None) -> Dict[str, object]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256 or sha256_file(path)}
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file or directory to disk, so that a rename after it is never seen before the data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Temp file + fsync + os.replace: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_manifest(entry: Path, name: str, source: dict) -> None:
     """Record every file of `entry` (hashing each), then write the manifest: the completion mark."""
     files = {
@@ -111,7 +81,7 @@ def write_manifest(entry: Path, name: str, source: dict) -> None:
     }
     for rel in files:
         fsync_path(entry / rel)
-    write_json_atomic(entry / MANIFEST, {"format": FORMAT, "name": name, "files": files, "source": source})
+    atomic_write_json(entry / MANIFEST, {"format": FORMAT, "name": name, "files": files, "source": source})
 
 
 def read_manifest(entry: Path) -> Optional[dict]:
@@ -163,7 +133,7 @@ def check_entry(entry: Path, *, full: bool = False) -> List[str]:
                 rec["mtime_ns"], refreshed = st.st_mtime_ns, True
     if refreshed and not problems:
         with contextlib.suppress(OSError):  # a read-only cache is still usable
-            write_json_atomic(entry / MANIFEST, manifest)
+            atomic_write_json(entry / MANIFEST, manifest)
     return problems
 
 
@@ -259,124 +229,3 @@ def entry_names(root: Path) -> List[str]:
     if downloads.is_dir():
         names.update(p.name for p in downloads.iterdir() if p.is_dir())
     return sorted(names)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-
-def _canonical(name: str) -> str:
-    from bert_port import hub
-
-    return hub.canonical_name(name) if hub.is_known_name(name) else name
-
-
-def _cmd_list(root: Path, args: argparse.Namespace) -> int:
-    names = entry_names(root)
-    if not names:
-        print(f"(no models in {root})")
-        return 0
-    print(f"cache: {root}")
-    for name in names:
-        entry, partial = root / name, root / DOWNLOADS / name
-        if entry.is_dir():
-            problems = check_entry(entry)
-            state = "complete" if not problems else ("incomplete" if read_manifest(entry) is None else "corrupt")
-            print(f"{name:32} {human(tree_size(entry)):>10}  {state}")
-        if partial.is_dir():
-            print(f"{name:32} {human(tree_size(partial)):>10}  download in progress or interrupted")
-    return 0
-
-
-def _cmd_remove(root: Path, args: argparse.Namespace) -> int:
-    status = 0
-    for raw in args.names:
-        name = _canonical(raw)
-        entry, partial = entry_path(root, name), entry_path(root / DOWNLOADS, name)
-        if not entry.exists() and not partial.exists():
-            print(f"error: {raw}: not in the cache {root}", file=sys.stderr)
-            status = 1
-            continue
-        with lock(root / f"{name}.lock", name):
-            size = tree_size(entry) + tree_size(partial)
-            remove_tree(entry)
-            remove_tree(partial)
-            sweep_temp_dirs(root, name)
-        with contextlib.suppress(OSError):
-            partial.parent.rmdir()  # only when no other download is left
-        print(f"removed {name} ({human(size)})")
-    return status
-
-
-def _cmd_verify(root: Path, args: argparse.Namespace) -> int:
-    names = [_canonical(n) for n in args.names] or [n for n in entry_names(root) if (root / n).is_dir()]
-    for name in names:  # all names checked before anything is touched
-        entry_path(root, name)
-    if not names:
-        print(f"(no models in {root})")
-    bad = []
-    for name in names:
-        if not (root / name).is_dir():
-            print(f"error: {name}: not in the cache {root}", file=sys.stderr)
-            return 1
-        problems = check_entry(root / name, full=True)
-        if not problems:
-            print(f"{name}: ok")
-            continue
-        print(f"{name}: CORRUPT: " + "; ".join(problems))
-        bad.append(name)
-        if (root / name).is_dir():
-            with contextlib.suppress(OSError):
-                invalidate(root / name)
-    if bad and args.fix:
-        from bert_port import hub
-
-        for name in list(bad):
-            if not hub.is_known_name(name):
-                print(f"{name}: not a registered name; left for removal (python -m bert_port.cache remove {name})")
-                continue
-            hub.resolve(name, cache_dir=root)
-            print(f"{name}: re-fetched")
-            bad.remove(name)
-    elif bad:
-        print("the next load re-fetches these (or run: python -m bert_port.cache verify --fix)")
-    return 1 if bad else 0
-
-
-def _cmd_fetch(root: Path, args: argparse.Namespace) -> int:
-    from bert_port import hub
-
-    for name in args.names:
-        print(hub.resolve(name, cache_dir=root))
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_port.cache", description="Manage bert_port's model cache.")
-    parser.add_argument("--cache-dir", help="cache root (default: $BERT_PORT_CACHE or ~/.cache/bert_port)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="models in the cache, their size and state")
-    p = sub.add_parser("remove", help="delete cached models")
-    p.add_argument("names", nargs="+")
-    p = sub.add_parser("verify", help="re-hash cached files against their manifests")
-    p.add_argument("names", nargs="*", help="default: every cached model")
-    p.add_argument("--fix", action="store_true", help="re-download and convert corrupt models now")
-    p = sub.add_parser("fetch", help="download and convert models now (to use them offline later)")
-    p.add_argument("names", nargs="+")
-    args = parser.parse_args(argv)
-
-    from bert_port import hub
-
-    commands = {"list": _cmd_list, "remove": _cmd_remove, "verify": _cmd_verify, "fetch": _cmd_fetch}
-    try:
-        root = hub.settings(args.cache_dir).cache_dir
-        return commands[args.command](root, args)
-    except (OSError, ValueError) as e:  # HubError, ConversionError, bad names and env values
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,21 +1,36 @@
-"""Opening files named by untrusted input: regular files only, and never more than a size cap.
+"""The files of a model directory: their names, and opening ones named by untrusted input.
+
+A model directory (what `save_pretrained` and the converters write, what `from_pretrained` reads)
+holds a config under one of CONFIG_NAMES and weights under one of WEIGHTS_NAMES, in that order of
+preference, plus `vocab.txt`.
+
+Untrusted paths are opened as regular files only, and never read past a size cap.
 
 `open(path).read()` on a FIFO blocks forever at open(); on `/dev/zero` (or a symlink to it) it reads
 until memory runs out. Here a path is opened with O_NONBLOCK (so a FIFO cannot block the open),
 then `fstat` of the *opened* descriptor must say "regular file" (no check-then-open race) no
-larger than the caller's cap, and reads stop at the size fstat reported. Imports nothing heavy:
-the converters use it without torch.
+larger than the caller's cap, and reads stop at the size fstat reported.
 """
 from __future__ import annotations
 
 import json
 import os
 import stat
-from typing import BinaryIO, Union
+from pathlib import Path
+from typing import BinaryIO, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+WEIGHTS_NAME = "pytorch_model.bin"  # pytorch_pretrained_bert's names
+CONFIG_NAME = "config.json"
+BERT_CONFIG_NAME = "bert_config.json"  # Google's and MegEngine's name
+TF_WEIGHTS_NAME = "model.ckpt"
+SAFE_WEIGHTS_NAME = "model.safetensors"  # what save_pretrained and the converters write (HF's name)
+VOCAB_NAME = "vocab.txt"
+CONFIG_NAMES = (CONFIG_NAME, BERT_CONFIG_NAME)  # the reference's order of preference
+WEIGHTS_NAMES = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)
+
+MiB = 1 << 20
 
 # Caps for the small text files bert_port reads (SECURITY.md, "Limits"). Real files are far smaller:
 # bert_config.json ~0.5 KiB, tokenizer_config.json < 1 KiB, the multilingual vocab.txt 0.9 MiB.
@@ -80,3 +95,20 @@ def load_json(path: PathLike, max_bytes: int = MAX_JSON_BYTES, what: str = "JSON
         return json.loads(data.decode("utf-8"))
     except RecursionError as e:
         raise ValueError(f"{os.fspath(path)}: {what} is nested too deeply") from e
+
+
+def find_file(directory: Path, names: Sequence[str], what: str) -> Path:
+    """The first of `names` that is a file in `directory` (ValueError naming them all if none is)."""
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise ValueError(f"{directory}: no {what} file found (looked for {', '.join(names)})")
+
+
+def weights_file(directory: Path) -> Path:
+    """The newest of the directory's weight files: a script that re-saves `pytorch_model.bin` beside
+    an older `model.safetensors` (or the other way round) gets what it saved last."""
+    found = [directory / n for n in WEIGHTS_NAMES if (directory / n).is_file()]
+    if not found:
+        raise ValueError(f"{directory}: no weights file found (looked for {', '.join(WEIGHTS_NAMES)})")
+    return max(found, key=lambda p: p.stat().st_mtime_ns)

@@ -1,7 +1,7 @@
 """LevelDB-format table (the `.index` file of a TF tensor bundle): varints, masked crc32c,
 block parse/build, footer.
 
-Pure Python; every failure raises `Corrupt` (no file name: `tf_checkpoint` adds it), and every
+Pure Python; every failure raises `MalformedInput` (no file name: `tf_checkpoint` adds it), and every
 size read from the file is checked against the real buffer length before it is used, so a
 hostile file can neither make us loop forever nor allocate more than the file's own size.
 
@@ -20,16 +20,14 @@ from typing import Iterable
 
 import google_crc32c
 
+from converters.errors import MalformedInput
+
 FOOTER_LEN = 48
 TABLE_MAGIC = 0xDB4775248B80FB57
 BLOCK_TRAILER_LEN = 5
 NO_COMPRESSION, SNAPPY_COMPRESSION = 0, 1
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
-
-
-class Corrupt(Exception):
-    """Malformed bytes; the caller turns it into ConversionError with the file name."""
 
 
 # ---------------------------------------------------------------- crc32c (Castagnoli)
@@ -52,16 +50,16 @@ def read_varint(buf: bytes, pos: int, end: int, max_bytes: int = 10) -> tuple[in
     result = shift = 0
     for i in range(max_bytes):
         if pos >= end:
-            raise Corrupt("truncated varint")
+            raise MalformedInput("truncated varint")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
             if result >> (32 if max_bytes == 5 else 64):
-                raise Corrupt("varint overflows its width")
+                raise MalformedInput("varint overflows its width")
             return result, pos
         shift += 7
-    raise Corrupt(f"varint longer than {max_bytes} bytes")
+    raise MalformedInput(f"varint longer than {max_bytes} bytes")
 
 
 def put_varint(value: int) -> bytes:
@@ -80,19 +78,19 @@ def put_varint(value: int) -> bytes:
 def _read_block(data: bytes, offset: int, size: int, limit: int, what: str) -> bytes:
     """Return the content of the block at (offset, size), checking bounds, crc and type."""
     if offset > limit or size > limit - offset or BLOCK_TRAILER_LEN > limit - offset - size:
-        raise Corrupt(f"{what} (offset {offset}, size {size}) extends beyond the end of the table "
+        raise MalformedInput(f"{what} (offset {offset}, size {size}) extends beyond the end of the table "
                       f"({limit} bytes before the footer); file truncated?")
     end = offset + size
     content = data[offset:end]
     btype = data[end]
     (stored,) = struct.unpack_from("<I", data, end + 1)
     if stored != mask_crc(crc32c(data[end:end + 1], crc32c(content))):
-        raise Corrupt(f"block crc mismatch in {what} (offset {offset}, size {size})")
+        raise MalformedInput(f"block crc mismatch in {what} (offset {offset}, size {size})")
     if btype == SNAPPY_COMPRESSION:
-        raise Corrupt(f"{what} is snappy-compressed; TF never writes that for checkpoints "
+        raise MalformedInput(f"{what} is snappy-compressed; TF never writes that for checkpoints "
                       "and this reader does not decompress it")
     if btype != NO_COMPRESSION:
-        raise Corrupt(f"{what} has unknown compression type {btype}")
+        raise MalformedInput(f"{what} has unknown compression type {btype}")
     return content
 
 
@@ -100,10 +98,10 @@ def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
     """Decode all (key, value) pairs of a block, validating the restart array."""
     n = len(block)
     if n < 4:
-        raise Corrupt(f"{what} is {n} bytes, too short for its restart count")
+        raise MalformedInput(f"{what} is {n} bytes, too short for its restart count")
     (num_restarts,) = struct.unpack_from("<I", block, n - 4)
     if num_restarts > (n - 4) // 4:
-        raise Corrupt(f"{what} claims {num_restarts} restart points; it has room for {(n - 4) // 4}")
+        raise MalformedInput(f"{what} claims {num_restarts} restart points; it has room for {(n - 4) // 4}")
     limit = n - 4 - 4 * num_restarts
     restarts = struct.unpack_from(f"<{num_restarts}I", block, limit)
     out: list[tuple[bytes, bytes]] = []
@@ -119,45 +117,45 @@ def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
         non_shared, pos = read_varint(block, pos, limit, 5)
         value_len, pos = read_varint(block, pos, limit, 5)
         if shared > len(key):
-            raise Corrupt(f"{what}: entry at {start} shares {shared} bytes of a {len(key)}-byte key")
+            raise MalformedInput(f"{what}: entry at {start} shares {shared} bytes of a {len(key)}-byte key")
         if non_shared > limit - pos or value_len > limit - pos - non_shared:
-            raise Corrupt(f"{what}: entry at {start} runs past the end of the block")
+            raise MalformedInput(f"{what}: entry at {start} runs past the end of the block")
         new_key = key[:shared] + block[pos:pos + non_shared]
         if out and new_key <= key:
-            raise Corrupt(f"{what}: keys out of order or duplicated at entry {start}")
+            raise MalformedInput(f"{what}: keys out of order or duplicated at entry {start}")
         key_budget -= len(new_key)
         if key_budget < 0:
-            raise Corrupt(f"{what}: prefix-compressed keys expand implausibly")
+            raise MalformedInput(f"{what}: prefix-compressed keys expand implausibly")
         key = new_key
         pos += non_shared
         out.append((key, block[pos:pos + value_len]))
         pos += value_len
         shared_at[start] = shared
     if out and (not restarts or restarts[0] != 0):
-        raise Corrupt(f"{what}: first restart point is not 0")
+        raise MalformedInput(f"{what}: first restart point is not 0")
     for r in restarts:
         if out and shared_at.get(r) != 0:
-            raise Corrupt(f"{what}: restart point {r} is not the start of an unshared entry")
+            raise MalformedInput(f"{what}: restart point {r} is not the start of an unshared entry")
         if not out and r != 0:
-            raise Corrupt(f"{what}: empty block with restart point {r}")
+            raise MalformedInput(f"{what}: empty block with restart point {r}")
     return out
 
 
 def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
     """All (key, value) pairs of a LevelDB table held in `data`, in (checked) sorted order."""
     if len(data) < FOOTER_LEN:
-        raise Corrupt(f"truncated: {len(data)} bytes, shorter than the {FOOTER_LEN}-byte footer")
+        raise MalformedInput(f"truncated: {len(data)} bytes, shorter than the {FOOTER_LEN}-byte footer")
     limit = len(data) - FOOTER_LEN
     footer = data[limit:]
     if struct.unpack_from("<Q", footer, 40)[0] != TABLE_MAGIC:
-        raise Corrupt("not a TensorFlow checkpoint index (bad footer magic)")
+        raise MalformedInput("not a TensorFlow checkpoint index (bad footer magic)")
     try:
         meta_off, p = read_varint(footer, 0, 40)
         meta_size, p = read_varint(footer, p, 40)
         index_off, p = read_varint(footer, p, 40)
         index_size, p = read_varint(footer, p, 40)
-    except Corrupt as e:
-        raise Corrupt(f"bad footer: {e}") from None
+    except MalformedInput as e:
+        raise MalformedInput(f"bad footer: {e}") from e
     _block_entries(_read_block(data, meta_off, meta_size, limit, "metaindex block"), "metaindex block")
     index = _block_entries(_read_block(data, index_off, index_size, limit, "index block"), "index block")
     out: list[tuple[bytes, bytes]] = []
@@ -166,18 +164,18 @@ def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
         try:
             off, p = read_varint(handle, 0, len(handle))
             size, p = read_varint(handle, p, len(handle))
-        except Corrupt as e:
-            raise Corrupt(f"bad block handle in index block: {e}") from None
+        except MalformedInput as e:
+            raise MalformedInput(f"bad block handle in index block: {e}") from e
         if p != len(handle):
-            raise Corrupt("bad block handle in index block: trailing bytes")
+            raise MalformedInput("bad block handle in index block: trailing bytes")
         if off < prev_end:  # blocks must not overlap: bounds total work by the file size
-            raise Corrupt(f"data block at offset {off} overlaps the previous block")
+            raise MalformedInput(f"data block at offset {off} overlaps the previous block")
         what = f"data block at offset {off}"
         for key, value in _block_entries(_read_block(data, off, size, limit, what), what):
             if out and key <= out[-1][0]:
-                raise Corrupt(f"keys out of order or duplicated at {key[:80]!r}")
+                raise MalformedInput(f"keys out of order or duplicated at {key[:80]!r}")
             if key > separator:
-                raise Corrupt(f"key {key[:80]!r} sorts after its index separator")
+                raise MalformedInput(f"key {key[:80]!r} sorts after its index separator")
             out.append((key, value))
         prev_end = off + size + BLOCK_TRAILER_LEN
     return out
