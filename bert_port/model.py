@@ -155,7 +155,8 @@ def _attend_unpadded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     """
     A, T, D = q.shape
     if q.device.type in PER_SEQUENCE_DEVICES:
-        parts = [F.scaled_dot_product_attention(*(t.narrow(1, start, n) for t in (q, k, v)), dropout_p=dropout_p)
+        parts = [F.scaled_dot_product_attention(*(t[None, :, start:start + n] for t in (q, k, v)),
+                                                dropout_p=dropout_p)[0]  # 4-D: the fused CPU kernel
                  for start, n in zip(_starts(layout.lengths), layout.lengths) if n]
         ctx = torch.cat(parts, dim=1) if parts else q.new_zeros(A, 0, D)
         return ctx.transpose(0, 1).reshape(T, A * D)
