@@ -130,7 +130,8 @@ def main() -> None:
     print()
     summary = [
         ("ours time ≤ 1.0× HF's (safetensors)", C.med(load["ours"]) / C.med(load["hf"]), lambda r: r <= 1.0),
-        ("ppb (.bin) time / ours ≥ 10", C.med(load["ppb (.bin)"]) / C.med(load["ours"]), lambda r: r >= 10),
+        # ours builds the model for real, as ppb does (same init, same random stream): not 10x any more
+        ("ppb (.bin) time / ours ≥ 1.0", C.med(load["ppb (.bin)"]) / C.med(load["ours"]), lambda r: r >= 1.0),
         ("ours peak RSS over baseline ≤ 1.15× weights (after load)", over("ours", "peak_load"), lambda r: r <= 1.15),
         ("… and after reading every weight", over("ours", "peak_all"), lambda r: r <= 1.15),
     ]

@@ -11,16 +11,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from bert_port.config import BertConfig
-from bert_port.io import atomic_write_text, load_weights, save_safetensors
+from bert_port.io import atomic_write_text, save_safetensors
 from converters.files import (CONFIG_NAME, CONFIG_NAMES, SAFE_WEIGHTS_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAMES, find_file,
                               weights_file)
 from converters.mapping import TIED_KEYS
+from converters.weights import open_weights
 
 logger = logging.getLogger(__name__)
 
@@ -75,24 +76,38 @@ class BertPreTrainedModel(nn.Module):
         if from_tf:
             return load_tf_weights_in_bert(model, _tf_checkpoint(directory))
         if state_dict is None:
-            state_dict = load_weights(weights_file(directory))
+            state_dict = open_weights(weights_file(directory))
         model.load_pretrained_state_dict(state_dict, source=str(directory))
         return model
 
-    def load_pretrained_state_dict(self, state_dict: Dict[str, torch.Tensor], source: str = "state_dict") -> None:
+    def load_pretrained_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict") -> None:
         """Copy checkpoint tensors into the parameters by canonical name (old gamma/beta names, with
-        or without the `bert.` prefix); what the checkpoint lacks keeps its init and is logged."""
-        expected = {k: v for k, v in self.state_dict(keep_vars=True).items() if k not in TIED_KEYS}
-        incoming = normalize_keys(state_dict, expected)
+        or without the `bert.` prefix); what the checkpoint lacks keeps its init and is logged.
+
+        Tensors are read one at a time, so a lazily read file (converters.weights.SafetensorsWeights)
+        never sits in memory beside the model. Shapes are all checked before anything is copied.
+        """
+        own = {k: v for k, v in self.state_dict(keep_vars=True).items() if k not in TIED_KEYS}
+        names = normalize_keys(state_dict, own)  # own name -> checkpoint key
+        shape_of = getattr(state_dict, "shape", None) or (lambda key: tuple(state_dict[key].shape))
         mismatched = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-            for k, v in incoming.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+            f"{name}: checkpoint {shape_of(key)} vs model {tuple(own[name].shape)}"
+            for name, key in names.items() if name in own and shape_of(key) != tuple(own[name].shape)
         ]
         if mismatched:
             raise ValueError(f"{source}: shapes do not match the config: " + "; ".join(mismatched))
-        missing = sorted(set(expected) - set(incoming))
-        unexpected = sorted(set(incoming) - set(expected))
-        self.load_state_dict({k: v for k, v in incoming.items() if k in expected}, strict=False)
+        missing = sorted(set(own) - set(names))
+        unexpected = sorted(set(names) - set(own))
+        read_into = getattr(state_dict, "read_into", None)  # a lazily read file: straight into the parameter
+        with torch.no_grad():
+            for name, key in names.items():
+                if name not in own:
+                    continue
+                dest = own[name]
+                if read_into and dest.device.type == "cpu" and dest.is_contiguous() and dest.dtype == state_dict.dtype(key):
+                    read_into(key, dest)
+                else:
+                    dest.copy_(state_dict[key])
         self.tie_weights()
         if missing:
             logger.info("Weights of %s not initialized from pretrained model %s: %s", type(self).__name__, source,
@@ -139,14 +154,14 @@ def load_tf_weights_in_bert(model: nn.Module, tf_checkpoint_path: Union[str, os.
     return model
 
 
-def normalize_keys(state_dict: Dict[str, torch.Tensor], expected: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+def normalize_keys(state_dict: Mapping[str, Any], expected: Mapping[str, Any]) -> Dict[str, str]:
     """Map checkpoint names onto this model's: old gamma/beta, with or without the `bert.` prefix.
 
-    A name is rewritten only when the rewrite is a key the model has, so unrelated keys pass
-    through unchanged and are reported as unexpected.
+    Returns {model name: checkpoint key}. A name is rewritten only when the rewrite is a key the
+    model has, so unrelated keys pass through unchanged and are reported as unexpected.
     """
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
+    out: Dict[str, str] = {}
+    for key in state_dict:
         name = key
         if name.endswith(".gamma"):
             name = name[: -len("gamma")] + "weight"
@@ -158,7 +173,7 @@ def normalize_keys(state_dict: Dict[str, torch.Tensor], expected: Dict[str, Any]
             if candidate in expected:
                 name = candidate
                 break
-        out[name] = value
+        out[name] = key
     return out
 
 

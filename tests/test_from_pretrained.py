@@ -152,3 +152,21 @@ def test_bad_configs(tmp_path, bad, message):
     (tmp_path / "c.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=message):
         bp.BertConfig.from_json_file(tmp_path / "c.json")
+
+
+def test_safetensors_weights_are_read_straight_into_the_parameters(tmp_path, tiny):
+    """from_pretrained reads each tensor into its parameter (no second copy); a truncated file is a clear error."""
+    from converters.weights import SafetensorsWeights
+
+    tiny.save_pretrained(tmp_path)
+    lazy = SafetensorsWeights(tmp_path / "model.safetensors")
+    for name, tensor in tiny.state_dict().items():
+        if name in lazy:
+            assert torch.equal(lazy[name], tensor), name
+    loaded = bp.BertForPreTraining.from_pretrained(tmp_path)
+    for (name, a), b in zip(tiny.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        bp.BertForPreTraining.from_pretrained(tmp_path)
