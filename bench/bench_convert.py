@@ -38,7 +38,7 @@ def google_names(layers: int, H: int, I: int, V: int, P: int, T: int) -> dict:
         "bert/embeddings/token_type_embeddings": (T, H), "cls/predictions/output_bias": (V,),
         "cls/seq_relationship/output_weights": (2, H), "cls/seq_relationship/output_bias": (2,),
     }
-    for tf_name, _, _ in RULES:
+    for tf_name, *_ in RULES:
         if tf_name in shapes or tf_name.startswith(("output_", "cls/squad")):
             continue
         names = [tf_name.replace("{i}", str(i)) for i in range(layers)] if "{i}" in tf_name else [tf_name]

@@ -4,10 +4,13 @@ Canonical keys are HF `BertForPreTraining`'s: `bert.` + the encoder's module pat
 (`cls.predictions.*`, `cls.seq_relationship.*`, `classifier.*`, `qa_outputs.*`). Every converter, in
 both directions, goes through `RULES`; nothing else in the package spells a TF variable name.
 
-A rule is (TF1 name, canonical name, layout). `{i}` is a layer index. Layouts:
+A rule is (TF1 name, canonical name, layout, torch shape). `{i}` is a layer index. Layouts:
   "T"  TF `kernel` [in, out] <-> torch `weight` [out, in] (transpose)
   ""   same layout (embedding tables [rows, H], biases, LayerNorm, and
        `cls/seq_relationship/output_weights`, which Google already stores as [2, H])
+Shapes are written in config symbols: V vocab, P max positions, T token types, H hidden,
+I intermediate, N labels (ints stand for themselves). The same table therefore gives the key set
+and every shape of each architecture (`canonical_shapes`), and HEADS says which keys each has.
 MegEngine Models' keys ARE the canonical keys (its BertModel has no `bert.` prefix).
 """
 from __future__ import annotations
@@ -32,40 +35,55 @@ _LAYER = "bert/encoder/layer_{i}/"
 _TORCH_LAYER = "bert.encoder.layer.{i}."
 
 
-def _dense(tf: str, torch: str) -> List[Tuple[str, str, str]]:
-    return [(f"{tf}/kernel", f"{torch}.weight", "T"), (f"{tf}/bias", f"{torch}.bias", "")]
+Rule = Tuple[str, str, str, Tuple]
 
 
-def _layer_norm(tf: str, torch: str) -> List[Tuple[str, str, str]]:
-    return [(f"{tf}/gamma", f"{torch}.weight", ""), (f"{tf}/beta", f"{torch}.bias", "")]
+def _dense(tf: str, torch: str, n_out="H", n_in="H") -> List[Rule]:
+    return [(f"{tf}/kernel", f"{torch}.weight", "T", (n_out, n_in)), (f"{tf}/bias", f"{torch}.bias", "", (n_out,))]
 
 
-RULES: List[Tuple[str, str, str]] = [
-    ("bert/embeddings/word_embeddings", "bert.embeddings.word_embeddings.weight", ""),
-    ("bert/embeddings/position_embeddings", "bert.embeddings.position_embeddings.weight", ""),
-    ("bert/embeddings/token_type_embeddings", "bert.embeddings.token_type_embeddings.weight", ""),
+def _layer_norm(tf: str, torch: str) -> List[Rule]:
+    return [(f"{tf}/gamma", f"{torch}.weight", "", ("H",)), (f"{tf}/beta", f"{torch}.bias", "", ("H",))]
+
+
+RULES: List[Rule] = [
+    ("bert/embeddings/word_embeddings", "bert.embeddings.word_embeddings.weight", "", ("V", "H")),
+    ("bert/embeddings/position_embeddings", "bert.embeddings.position_embeddings.weight", "", ("P", "H")),
+    ("bert/embeddings/token_type_embeddings", "bert.embeddings.token_type_embeddings.weight", "", ("T", "H")),
     *_layer_norm("bert/embeddings/LayerNorm", "bert.embeddings.LayerNorm"),
     *_dense(_LAYER + "attention/self/query", _TORCH_LAYER + "attention.self.query"),
     *_dense(_LAYER + "attention/self/key", _TORCH_LAYER + "attention.self.key"),
     *_dense(_LAYER + "attention/self/value", _TORCH_LAYER + "attention.self.value"),
     *_dense(_LAYER + "attention/output/dense", _TORCH_LAYER + "attention.output.dense"),
     *_layer_norm(_LAYER + "attention/output/LayerNorm", _TORCH_LAYER + "attention.output.LayerNorm"),
-    *_dense(_LAYER + "intermediate/dense", _TORCH_LAYER + "intermediate.dense"),
-    *_dense(_LAYER + "output/dense", _TORCH_LAYER + "output.dense"),
+    *_dense(_LAYER + "intermediate/dense", _TORCH_LAYER + "intermediate.dense", "I", "H"),
+    *_dense(_LAYER + "output/dense", _TORCH_LAYER + "output.dense", "H", "I"),
     *_layer_norm(_LAYER + "output/LayerNorm", _TORCH_LAYER + "output.LayerNorm"),
     *_dense("bert/pooler/dense", "bert.pooler.dense"),
     # Pretraining heads (run_pretraining.py). The MLM decoder is tied to word_embeddings.
     *_dense("cls/predictions/transform/dense", "cls.predictions.transform.dense"),
     *_layer_norm("cls/predictions/transform/LayerNorm", "cls.predictions.transform.LayerNorm"),
-    ("cls/predictions/output_bias", "cls.predictions.bias", ""),
-    ("cls/seq_relationship/output_weights", "cls.seq_relationship.weight", ""),  # [2, H]: no transpose
-    ("cls/seq_relationship/output_bias", "cls.seq_relationship.bias", ""),
+    ("cls/predictions/output_bias", "cls.predictions.bias", "", ("V",)),
+    ("cls/seq_relationship/output_weights", "cls.seq_relationship.weight", "", (2, "H")),  # [2, H]: no transpose
+    ("cls/seq_relationship/output_bias", "cls.seq_relationship.bias", "", (2,)),
     # Fine-tuned heads: run_classifier.py ([num_labels, H], used with transpose_b) and run_squad.py.
-    ("output_weights", "classifier.weight", ""),
-    ("output_bias", "classifier.bias", ""),
-    ("cls/squad/output_weights", "qa_outputs.weight", ""),
-    ("cls/squad/output_bias", "qa_outputs.bias", ""),
+    ("output_weights", "classifier.weight", "", ("N", "H")),
+    ("output_bias", "classifier.bias", "", ("N",)),
+    ("cls/squad/output_weights", "qa_outputs.weight", "", (2, "H")),
+    ("cls/squad/output_bias", "qa_outputs.bias", "", (2,)),
 ]
+
+# The head keys (canonical prefixes) of each architecture, most specific first: `architecture_of`
+# returns the first whose heads are all present, `canonical_shapes` keeps `bert.` + these.
+HEADS: Dict[str, Tuple[str, ...]] = {
+    "BertForPreTraining": ("cls.predictions.", "cls.seq_relationship."),
+    "BertForMaskedLM": ("cls.predictions.",),
+    "BertForNextSentencePrediction": ("cls.seq_relationship.",),
+    "BertForQuestionAnswering": ("qa_outputs.",),
+    "BertForSequenceClassification": ("classifier.",),
+    "BertModel": (),
+}
+
 
 # tensorflow/models' TF2 BertEncoder (`tf.train.Checkpoint(encoder=...)`): Keras tracks layers as
 # `layer_with_weights-K`: 0 word, 1 position, 2 token type, 3 embedding LayerNorm, 4..L+3 the
@@ -78,13 +96,13 @@ ENCODER_EMBEDDINGS = {
     "layer_with_weights-3/gamma": "bert.embeddings.LayerNorm.weight",
     "layer_with_weights-3/beta": "bert.embeddings.LayerNorm.bias",
 }
-ENCODER_LAYER_RULES: List[Tuple[str, str, str]] = [
-    *[(f"_attention_layer/_{p}_dense/{v}", f"attention.self.{p}.{w}", "qkv")
+ENCODER_LAYER_RULES: List[Rule] = [
+    *[(f"_attention_layer/_{p}_dense/{v}", f"attention.self.{p}.{w}", "qkv", ())
       for p in ("query", "key", "value") for v, w in (("kernel", "weight"), ("bias", "bias"))],
-    ("_attention_output_dense/kernel", "attention.output.dense.weight", "out"),
-    ("_attention_output_dense/bias", "attention.output.dense.bias", ""),
-    ("_attention_layer/_output_dense/kernel", "attention.output.dense.weight", "out"),  # newer Keras MHA
-    ("_attention_layer/_output_dense/bias", "attention.output.dense.bias", ""),
+    ("_attention_output_dense/kernel", "attention.output.dense.weight", "out", ()),
+    ("_attention_output_dense/bias", "attention.output.dense.bias", "", ()),
+    ("_attention_layer/_output_dense/kernel", "attention.output.dense.weight", "out", ()),  # newer Keras MHA
+    ("_attention_layer/_output_dense/bias", "attention.output.dense.bias", "", ()),
     *_layer_norm("_attention_layer_norm", "attention.output.LayerNorm"),
     *_dense("_intermediate_dense", "intermediate.dense"),
     *_dense("_output_dense", "output.dense"),
@@ -102,7 +120,7 @@ def encoder_rule(path: str, num_layers: Optional[int]) -> Optional[Tuple[str, st
     if short in ENCODER_EMBEDDINGS:
         return ENCODER_EMBEDDINGS[short], ""
     if 4 <= k < 4 + num_layers:
-        for source, target, layout in ENCODER_LAYER_RULES:
+        for source, target, layout, _ in ENCODER_LAYER_RULES:
             if rest == source:
                 return f"bert.encoder.layer.{k - 4}.{target}", layout
     if k == 4 + num_layers and rest in ("kernel", "bias"):
@@ -122,8 +140,8 @@ def _compile(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
 
-_TF_TO_TORCH = [(_compile(tf), torch, layout) for tf, torch, layout in RULES]
-_TORCH_TO_TF = [(_compile(torch), tf, layout) for tf, torch, layout in RULES]
+_TF_TO_TORCH = [(_compile(tf), torch, layout) for tf, torch, layout, _ in RULES]
+_TORCH_TO_TF = [(_compile(torch), tf, layout) for tf, torch, layout, _ in RULES]
 
 
 def _apply(rules, name: str) -> Optional[Tuple[str, str]]:
@@ -239,54 +257,26 @@ def mge_from_canonical(names: Iterable[str]) -> Plan:
 
 
 def canonical_shapes(config, architecture: str, num_labels: int = 2) -> Dict[str, Tuple[int, ...]]:
-    """Shape of every stored tensor of `architecture` built from `config`, without building a model
-    (so converting needs no torch). tests/test_converters.py checks it against the real models."""
-    H, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    shapes: Dict[str, Tuple[int, ...]] = {
-        "bert.embeddings.word_embeddings.weight": (V, H),
-        "bert.embeddings.position_embeddings.weight": (config.max_position_embeddings, H),
-        "bert.embeddings.token_type_embeddings.weight": (config.type_vocab_size, H),
-    }
-
-    def linear(name: str, n_out: int, n_in: int) -> None:
-        shapes[name + ".weight"], shapes[name + ".bias"] = (n_out, n_in), (n_out,)
-
-    def layer_norm(name: str) -> None:
-        shapes[name + ".weight"], shapes[name + ".bias"] = (H,), (H,)
-
-    layer_norm("bert.embeddings.LayerNorm")
-    for i in range(config.num_hidden_layers):
-        p = f"bert.encoder.layer.{i}."
-        for part in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
-            linear(p + part, H, H)
-        layer_norm(p + "attention.output.LayerNorm")
-        linear(p + "intermediate.dense", I, H)
-        linear(p + "output.dense", H, I)
-        layer_norm(p + "output.LayerNorm")
-    linear("bert.pooler.dense", H, H)
-    if architecture in ("BertForPreTraining", "BertForMaskedLM"):
-        linear("cls.predictions.transform.dense", H, H)
-        layer_norm("cls.predictions.transform.LayerNorm")
-        shapes["cls.predictions.bias"] = (V,)
-    if architecture in ("BertForPreTraining", "BertForNextSentencePrediction"):
-        linear("cls.seq_relationship", 2, H)
-    if architecture == "BertForSequenceClassification":
-        linear("classifier", num_labels, H)
-    if architecture == "BertForQuestionAnswering":
-        linear("qa_outputs", 2, H)
+    """Shape of every stored tensor of `architecture` built from `config`, read off RULES without
+    building a model (so converting needs no torch). tests/test_converters.py checks it against the
+    real models."""
+    size = {"V": config.vocab_size, "P": config.max_position_embeddings, "T": config.type_vocab_size,
+            "H": config.hidden_size, "I": config.intermediate_size, "N": num_labels}
+    heads = HEADS[architecture]
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for _, name, _, shape in RULES:
+        if not (name.startswith("bert.") or name.startswith(heads)):
+            continue
+        dims = tuple(size[d] if isinstance(d, str) else d for d in shape)
+        for i in range(config.num_hidden_layers) if "{i}" in name else (None,):
+            shapes[name if i is None else name.replace("{i}", str(i))] = dims
     return shapes
 
 
 def architecture_of(canonical_names: Iterable[str]) -> str:
-    """The HF/bert_port class whose keys these are."""
-    names = set(canonical_names)
-    if any(n.startswith("cls.predictions.") for n in names):
-        return "BertForPreTraining" if "cls.seq_relationship.weight" in names else "BertForMaskedLM"
-    if "cls.seq_relationship.weight" in names:
-        return "BertForNextSentencePrediction"
-    if "qa_outputs.weight" in names:
-        return "BertForQuestionAnswering"
-    if "classifier.weight" in names:
-        return "BertForSequenceClassification"
+    """The HF/bert_port class whose keys these are: the first in HEADS whose heads are all present."""
+    names = list(canonical_names)
+    for architecture, heads in HEADS.items():
+        if all(any(n.startswith(h) for n in names) for h in heads):
+            return architecture
     return "BertModel"
-
