@@ -175,12 +175,12 @@ def _starts(lengths: List[int]) -> List[int]:
     return starts
 
 
-class BertSelfOutput(nn.Module):
-    """dense -> dropout -> + input -> LayerNorm."""
+class _DenseAddNorm(nn.Module):
+    """dense -> dropout -> + input -> LayerNorm: BertSelfOutput (H -> H) and BertOutput (I -> H)."""
 
-    def __init__(self, config: BertConfig, in_features: Optional[int] = None) -> None:
+    def __init__(self, config: BertConfig, in_features: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = BertLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -188,6 +188,11 @@ class BertSelfOutput(nn.Module):
         if self.training:
             return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
         return self.LayerNorm(kernels.linear(self.dense, hidden_states, residual=input_tensor))
+
+
+class BertSelfOutput(_DenseAddNorm):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config, config.hidden_size)
 
 
 class BertAttention(nn.Module):
@@ -210,8 +215,8 @@ class BertIntermediate(nn.Module):
         return kernels.linear(self.dense, hidden_states, act=self.intermediate_act_fn)  # (.., I)
 
 
-class BertOutput(BertSelfOutput):
-    """The feed-forward block's dense (I -> H) -> dropout -> + input -> LayerNorm."""
+class BertOutput(_DenseAddNorm):
+    """The feed-forward block's output: I -> H."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config, config.intermediate_size)

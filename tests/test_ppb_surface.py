@@ -98,9 +98,8 @@ def test_same_parameters_init_and_random_stream(name, args):
     for (n, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
         assert torch.equal(a, b), n
     assert torch.equal(after_ours, after_theirs)
-    assert [type(m).__name__ for m in ours.modules()] == [
-        "LayerNorm" if type(m).__name__ == "BertLayerNorm" else type(m).__name__ for m in theirs.modules()
-    ] or [type(m).__name__ for m in ours.modules()] == [type(m).__name__ for m in theirs.modules()]
+    assert [type(m).__name__ for m in ours.modules()] == [type(m).__name__ for m in theirs.modules()]
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
     assert all(type(m) is torch.nn.Linear for m in ours.modules() if isinstance(m, torch.nn.Linear))
 
 
