@@ -10,7 +10,6 @@ than the export example, and the largest difference from our eager model at real
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from converters.atomic import atomic_path
+from converters.files import CONFIG_NAME, load_json
 
 INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 HEADS = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification", "BertForTokenTagging",
@@ -110,8 +110,8 @@ def check_onnx(model: nn.Module, path: os.PathLike, head: str) -> Optional[float
 def _head_of(directory: Optional[Path]) -> str:
     if directory is None:
         return "BertModel"
-    try:
-        archs = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    try:  # a capped read of a regular file (SECURITY.md): the directory may come from anyone
+        archs = load_json(directory / CONFIG_NAME, what="config").get("architectures") or []
     except (OSError, ValueError, AttributeError):
         return "BertModel"
     return next((a for a in archs if a in HEADS), "BertModel")

@@ -303,14 +303,14 @@ class BertModel(BertPreTrainedModel):
         if attention_mask is None:
             return None
         B, S = attention_mask.shape
-        additive = ((1.0 - attention_mask.to(x.dtype)) * MASK_ADDER).view(B, 1, 1, S)
+        additive = lambda: ((1.0 - attention_mask.to(x.dtype)) * MASK_ADDER).view(B, 1, 1, S)  # noqa: E731
         if _recording():  # reading the mask's values would bake this batch's padding into the graph
-            return additive
+            return additive()
         real = attention_mask != 0
         if bool(real.all()):
             return None
         if not skip_padding or self._dropout_active() or not bool((attention_mask[real] == 1).all()):
-            return additive  # the reference's computation (non-0/1 masks are soft masks: as the reference)
+            return additive()  # the reference's computation (non-0/1 masks are soft masks: as the reference)
         return TokenLayout(B, S, real.view(-1).nonzero().squeeze(1), real.sum(1).tolist())
 
     def _dropout_active(self) -> bool:
