@@ -161,7 +161,7 @@ def run_train(args, log) -> dict:
             f"{ctx.world_size} process(es) on {ctx.device}, global batch "
             f"{args.batch_size * ctx.world_size * args.grad_accum}")
         history = train(config, ctx, tokenizer, model, train_examples, dev_examples, labels, log)
-        best = history["best"]
+        best = history.best
         log(f"best epoch {best['epoch']}: dev {task.summary(best)}; saved to {out}")
         ctx.barrier()
         return history
