@@ -192,10 +192,9 @@ class Run:
         return self.data.dev[self.ctx.rank::self.ctx.world_size]  # no padding: every dev example counted once
 
 
-def train(args: TrainConfig, ctx: DistContext, tokenizer, model, train_examples, dev_examples, labels: List[str],
-          log: Callable[[str], None]) -> History:
+def train(args: TrainConfig, ctx: DistContext, tokenizer, model, data: Examples, log: Callable[[str], None]) -> History:
     """Fine-tune `model` in place; rank 0 writes checkpoints, metrics.json and the plot to args.out."""
-    run = build(args, ctx, tokenizer, model, Examples(train_examples, dev_examples, labels), log)
+    run = build(args, ctx, tokenizer, model, data, log)
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
         train_loss = run_epoch(run, epoch)
@@ -286,7 +285,7 @@ def end_epoch(run: Run, epoch: int, train_loss: float, seconds: float) -> bool:
     """Dev scores, the epoch's record, the log line; on rank 0 the checkpoint (per --checkpoint) and
     metrics.json. Returns True if this epoch is the best so far."""
     args, ctx = run.args, run.ctx
-    scores = evaluate(run.task, run.model, run.dev_shard, run.tokenizer, run.data.labels, args, ctx, run.amp)
+    scores = evaluate(run)
     record = {"epoch": epoch, "train_loss": train_loss, "dev": scores, "seconds": round(seconds, 2)}
     improved = run.history.add_epoch(record)
     run.log(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f}, dev {run.task.summary(scores)}"
@@ -315,14 +314,15 @@ def _optimizer_step(args: TrainConfig, model, optimizer, scheduler, scaler) -> N
     optimizer.zero_grad(set_to_none=True)
 
 
-def evaluate(task, model, dev_shard, tokenizer, labels, args: TrainConfig, ctx: DistContext, amp) -> Dict:
+def evaluate(run: Run) -> Dict:
     """Dev scores over all ranks: each predicts its shard, the additive counts are gathered and summed."""
+    task, labels, args = run.task, run.data.labels, run.args
     counts = task.zero(labels)
-    if dev_shard:
-        predicted = task.predict(model, dev_shard, tokenizer, labels, args.max_seq_length,
-                                 args.eval_batch_size or args.batch_size, ctx.device, amp)
-        counts = task.score(dev_shard, predicted, labels)
+    if run.dev_shard:
+        predicted = task.predict(run.model, run.dev_shard, run.tokenizer, labels, args.max_seq_length,
+                                 args.eval_batch_size or args.batch_size, run.ctx.device, run.amp)
+        counts = task.score(run.dev_shard, predicted, labels)
     total = task.zero(labels)
-    for c in ctx.gather(counts):
+    for c in run.ctx.gather(counts):
         total = total + c
     return total.scores()
