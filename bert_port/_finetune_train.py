@@ -197,8 +197,7 @@ def train(args: TrainConfig, ctx: DistContext, tokenizer, model, data: Examples,
     run = build(args, ctx, tokenizer, model, data, log)
     for epoch in range(1, args.epochs + 1):
         t0 = time.time()
-        train_loss = run_epoch(run, epoch)
-        end_epoch(run, epoch, train_loss, time.time() - t0)
+        end_epoch(run, epoch, run_epoch(run, epoch), t0)
     run.net = run.model  # a DDP wrapper must be gone before the process group is destroyed (see DistContext.close)
     if ctx.is_main:
         plot(run.history, args.out / PLOT_NAME, log)
@@ -281,12 +280,13 @@ def _step(run: Run, micro: List[Dict[str, torch.Tensor]]) -> Tuple[float, float]
     return step_sum, n_global
 
 
-def end_epoch(run: Run, epoch: int, train_loss: float, seconds: float) -> bool:
-    """Dev scores, the epoch's record, the log line; on rank 0 the checkpoint (per --checkpoint) and
-    metrics.json. Returns True if this epoch is the best so far."""
+def end_epoch(run: Run, epoch: int, train_loss: float, epoch_started: float) -> bool:
+    """Dev scores, the epoch's record (its seconds since `epoch_started`, a time.time(), evaluation
+    included), the log line; on rank 0 the checkpoint (per --checkpoint) and metrics.json.
+    Returns True if this epoch is the best so far."""
     args, ctx = run.args, run.ctx
     scores = evaluate(run)
-    record = {"epoch": epoch, "train_loss": train_loss, "dev": scores, "seconds": round(seconds, 2)}
+    record = {"epoch": epoch, "train_loss": train_loss, "dev": scores, "seconds": round(time.time() - epoch_started, 2)}
     improved = run.history.add_epoch(record)
     run.log(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f}, dev {run.task.summary(scores)}"
             f"{' (best)' if improved else ''}, {record['seconds']:.1f}s")
