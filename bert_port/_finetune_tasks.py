@@ -150,4 +150,5 @@ class ClassifyTask:
 
 TAG, CLASSIFY = TagTask(), ClassifyTask()
 TASKS = {task.name: task for task in (TAG, CLASSIFY)}
-ARCHITECTURES = {"BertForTokenClassification": TAG, "BertForSequenceClassification": CLASSIFY}
+# The `architectures` name of a fine-tuned directory -> its task, as each task's model class declares it.
+ARCHITECTURES = {task.model_cls.hf_architecture: task for task in (TAG, CLASSIFY)}

@@ -24,9 +24,9 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def save_checkpoint(model, tokenizer, out: Path) -> None:
                       json.dumps({"do_lower_case": bool(tokenizer.do_lower_case)}, indent=2) + "\n")
 
 
-def plot(history: Dict, path: Path, log: Callable[[str], None]) -> None:
+def plot(history: "History", path: Path, log: Callable[[str], None]) -> None:
     """Loss per step and dev F1 per epoch as a PNG, when matplotlib is installed."""
     try:
         import matplotlib
@@ -114,28 +114,105 @@ def plot(history: Dict, path: Path, log: Callable[[str], None]) -> None:
         log("matplotlib is not installed: no plot written")
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
-    a.plot(range(1, len(history["step_loss"]) + 1), history["step_loss"], lw=1)
+    a.plot(range(1, len(history.step_loss) + 1), history.step_loss, lw=1)
     a.set(xlabel="optimizer step", ylabel="training loss", title="loss")
-    epochs = [e["epoch"] for e in history["epochs"]]
-    b.plot(epochs, [e["dev"]["f1"] for e in history["epochs"]], "o-")
+    epochs = [e["epoch"] for e in history.epochs]
+    b.plot(epochs, [e["dev"]["f1"] for e in history.epochs], "o-")
     b.set(xlabel="epoch", ylabel="dev F1", title="dev F1", ylim=(0, 1.02), xticks=epochs)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def train(args: TrainConfig, ctx: DistContext, tokenizer, model, train_examples, dev_examples, labels: List[str],
-          log: Callable[[str], None]) -> Dict:
+@dataclass
+class History:
+    """What metrics.json holds (these fields, in this order): the run's shape, the loss of every
+    optimizer step, each epoch's record and the best epoch's dev scores."""
+
+    task: str
+    world_size: int
+    global_batch_size: int
+    optimizer_steps: int
+    labels: List[str]
+    epochs: List[Dict[str, Any]] = field(default_factory=list)
+    step_loss: List[float] = field(default_factory=list)
+    best: Optional[Dict[str, Any]] = None
+    f1: Optional[float] = None
+    train_seconds: Optional[float] = None  # written once an epoch has ended
+
+    def add_epoch(self, record: Dict[str, Any]) -> bool:
+        """Append an epoch's record ({"epoch", "train_loss", "dev", "seconds"}); True if its dev F1 is the best yet."""
+        self.epochs.append(record)
+        scores = record["dev"]
+        improved = self.best is None or scores["f1"] > self.best["f1"]
+        if improved:
+            self.best, self.f1 = {"epoch": record["epoch"], **scores}, scores["f1"]
+        return improved
+
+    def to_json(self) -> Dict[str, Any]:
+        data = asdict(self)
+        if data["train_seconds"] is None:
+            del data["train_seconds"]
+        return data
+
+
+@dataclass
+class Examples:
+    """The run's data: training and dev examples, and the label list (index = label id)."""
+
+    train: Sequence[Any]
+    dev: Sequence[Any]
+    labels: List[str]
+
+
+@dataclass
+class Run:
+    """Everything `build` sets up and the epochs use: the model (and its DDP wrapper `net`), the
+    batches, the optimizer, and the history they fill."""
+
+    args: TrainConfig
+    ctx: DistContext
+    task: Any
+    model: torch.nn.Module
+    net: torch.nn.Module
+    tokenizer: Any
+    data: Examples
+    loader: DataLoader
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    amp: Callable[[], contextlib.AbstractContextManager]
+    history: History
+    log: Callable[[str], None]
+    started: float = field(default_factory=time.time)
+
+    @property
+    def dev_shard(self) -> Sequence[Any]:
+        return self.data.dev[self.ctx.rank::self.ctx.world_size]  # no padding: every dev example counted once
+
+
+def train(args: TrainConfig, ctx: DistContext, tokenizer, model, data: Examples, log: Callable[[str], None]) -> History:
     """Fine-tune `model` in place; rank 0 writes checkpoints, metrics.json and the plot to args.out."""
+    run = build(args, ctx, tokenizer, model, data, log)
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.time()
+        end_epoch(run, epoch, run_epoch(run, epoch), t0)
+    run.net = run.model  # a DDP wrapper must be gone before the process group is destroyed (see DistContext.close)
+    if ctx.is_main:
+        plot(run.history, args.out / PLOT_NAME, log)
+    return run.history
+
+
+def build(args: TrainConfig, ctx: DistContext, tokenizer, model, data: Examples, log: Callable[[str], None]) -> Run:
+    """Label map, device, dropout stream, batches, optimizer (+ schedule), AMP and DDP: a Run ready for epoch 1."""
     task = TASKS[args.task]
-    out = args.out
-    label2id = {lab: i for i, lab in enumerate(labels)}
-    D.attach_label_map(model.config, labels)
+    D.attach_label_map(model.config, data.labels)
     task.prepare(model)
     model.to(ctx.device).train()
     torch.manual_seed(args.seed + ctx.rank)  # dropout masks: one stream per rank
-
-    feats, truncated = task.train_features(train_examples, tokenizer, label2id, args.max_seq_length)
+    label2id = {lab: i for i, lab in enumerate(data.labels)}
+    feats, truncated = task.train_features(data.train, tokenizer, label2id, args.max_seq_length)
     if truncated:
         log(f"{truncated} of {len(feats)} training examples longer than --max-seq-length {args.max_seq_length}: "
             "truncated (tagging keeps whole words)")
@@ -144,76 +221,81 @@ def train(args: TrainConfig, ctx: DistContext, tokenizer, model, train_examples,
                         collate_fn=functools.partial(D.pad_batch, pad_id=D.pad_id_of(tokenizer)))
     steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
-
-    scheduler = None
-    if args.optimizer == "bertadam":
-        optimizer = BertAdam(bert_param_groups(model, args.weight_decay), lr=args.lr, warmup=args.warmup_proportion,
-                             t_total=total_steps, max_grad_norm=args.max_grad_norm)
-    else:
-        optimizer, scheduler = adamw_with_warmup(model, args.lr, total_steps, args.warmup_proportion,
-                                                 args.weight_decay)
-    scaler = torch.amp.GradScaler(ctx.device.type) if args.fp16 else None
-    amp = amp_context(args, ctx.device)
+    optimizer, scheduler = _optimizer(args, model, total_steps)
     net = model
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    history = History(task.name, ctx.world_size, args.batch_size * ctx.world_size * args.grad_accum, total_steps,
+                      list(data.labels))
+    return Run(args, ctx, task, model, net, tokenizer, data, loader, steps_per_epoch, optimizer, scheduler,
+               torch.amp.GradScaler(ctx.device.type) if args.fp16 else None, amp_context(args, ctx.device),
+               history, log)
 
-    dev_shard = dev_examples[ctx.rank::ctx.world_size]  # no padding: every dev example counted once
-    history: Dict = {"task": task.name, "world_size": ctx.world_size,
-                     "global_batch_size": args.batch_size * ctx.world_size * args.grad_accum,
-                     "optimizer_steps": total_steps, "labels": labels, "epochs": [], "step_loss": [],
-                     "best": None, "f1": None}
-    bar_on = ctx.is_main and sys.stderr.isatty()
-    started = time.time()
-    for epoch in range(1, args.epochs + 1):
-        t0 = time.time()
-        sampler.set_epoch(epoch)
-        batches = iter(loader)
-        epoch_sum = epoch_n = 0.0
-        bar = progress(range(steps_per_epoch), steps_per_epoch, bar_on, f"epoch {epoch}/{args.epochs}")
-        for _ in bar:
-            micro = [b for _, b in zip(range(args.grad_accum), batches)]
-            n_local = sum(task.count(b) for b in micro)
-            (n_global,) = ctx.all_sum([n_local])
-            local_sum = 0.0
-            for j, batch in enumerate(micro):
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                sync = contextlib.nullcontext() if j == len(micro) - 1 or not ctx.distributed else net.no_sync()
-                with sync:
-                    with amp():
-                        loss_sum, _ = task.loss_sum(net, batch)
-                    loss = loss_sum * (ctx.world_size / max(n_global, 1.0))
-                    (scaler.scale(loss) if scaler else loss).backward()
-                local_sum += float(loss_sum.detach())
-            _optimizer_step(args, model, optimizer, scheduler, scaler)
-            (step_sum,) = ctx.all_sum([local_sum])
-            epoch_sum += step_sum
-            epoch_n += n_global
-            step_loss = step_sum / max(n_global, 1.0)
-            history["step_loss"].append(step_loss)
-            if bar_on:
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-        scores = evaluate(task, model, dev_shard, tokenizer, labels, args, ctx, amp)
-        record = {"epoch": epoch, "train_loss": epoch_sum / max(epoch_n, 1.0), "dev": scores,
-                  "seconds": round(time.time() - t0, 2)}
-        history["epochs"].append(record)
-        improved = history["best"] is None or scores["f1"] > history["best"]["f1"]
-        if improved:
-            history["best"] = {"epoch": epoch, **scores}
-            history["f1"] = scores["f1"]
-        log(f"epoch {epoch}/{args.epochs}: train loss {record['train_loss']:.4f}, dev {task.summary(scores)}"
+
+def _optimizer(args: TrainConfig, model, total_steps: int):
+    """BertAdam (its own warmup schedule) or AdamW with a LambdaLR warmup: (optimizer, scheduler or None)."""
+    if args.optimizer == "bertadam":
+        return BertAdam(bert_param_groups(model, args.weight_decay), lr=args.lr, warmup=args.warmup_proportion,
+                        t_total=total_steps, max_grad_norm=args.max_grad_norm), None
+    return adamw_with_warmup(model, args.lr, total_steps, args.warmup_proportion, args.weight_decay)
+
+
+def run_epoch(run: Run, epoch: int) -> float:
+    """One pass over the training data (epoch numbers from 1 fix the shuffle); each optimizer step's
+    loss goes to run.history.step_loss. Returns the epoch's mean training loss over all ranks."""
+    run.loader.sampler.set_epoch(epoch)
+    batches = iter(run.loader)
+    bar_on = run.ctx.is_main and sys.stderr.isatty()
+    bar = progress(range(run.steps_per_epoch), run.steps_per_epoch, bar_on, f"epoch {epoch}/{run.args.epochs}")
+    epoch_sum = epoch_n = 0.0
+    for _ in bar:
+        step_sum, n_global = _step(run, [b for _, b in zip(range(run.args.grad_accum), batches)])
+        epoch_sum += step_sum
+        epoch_n += n_global
+        run.history.step_loss.append(step_sum / max(n_global, 1.0))
+        if bar_on:
+            bar.set_postfix(loss=f"{run.history.step_loss[-1]:.4f}")
+    return epoch_sum / max(epoch_n, 1.0)
+
+
+def _step(run: Run, micro: List[Dict[str, torch.Tensor]]) -> Tuple[float, float]:
+    """One optimizer step over --grad-accum micro-batches (see the module docstring for the loss scale).
+    Returns the summed loss and the number of labelled items, both over all ranks."""
+    ctx = run.ctx
+    (n_global,) = ctx.all_sum([sum(run.task.count(b) for b in micro)])
+    local_sum = 0.0
+    for j, batch in enumerate(micro):
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        sync = contextlib.nullcontext() if j == len(micro) - 1 or not ctx.distributed else run.net.no_sync()
+        with sync:
+            with run.amp():
+                loss_sum, _ = run.task.loss_sum(run.net, batch)
+            loss = loss_sum * (ctx.world_size / max(n_global, 1.0))
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
+        local_sum += float(loss_sum.detach())
+    _optimizer_step(run.args, run.model, run.optimizer, run.scheduler, run.scaler)
+    (step_sum,) = ctx.all_sum([local_sum])
+    return step_sum, n_global
+
+
+def end_epoch(run: Run, epoch: int, train_loss: float, epoch_started: float) -> bool:
+    """Dev scores, the epoch's record (its seconds since `epoch_started`, a time.time(), evaluation
+    included), the log line; on rank 0 the checkpoint (per --checkpoint) and metrics.json.
+    Returns True if this epoch is the best so far."""
+    args, ctx = run.args, run.ctx
+    scores = evaluate(run)
+    record = {"epoch": epoch, "train_loss": train_loss, "dev": scores, "seconds": round(time.time() - epoch_started, 2)}
+    improved = run.history.add_epoch(record)
+    run.log(f"epoch {epoch}/{args.epochs}: train loss {train_loss:.4f}, dev {run.task.summary(scores)}"
             f"{' (best)' if improved else ''}, {record['seconds']:.1f}s")
-        if ctx.is_main:
-            if improved and args.checkpoint == "best" or args.checkpoint == "last" and epoch == args.epochs:
-                save_checkpoint(model, tokenizer, out)
-            history["train_seconds"] = round(time.time() - started, 2)
-            atomic_write_text(out / METRICS_NAME, json.dumps(history, indent=2) + "\n")
-    del net  # a DDP wrapper must be gone before the process group is destroyed (see DistContext.close)
     if ctx.is_main:
-        plot(history, out / PLOT_NAME, log)
-    return history
+        if improved and args.checkpoint == "best" or args.checkpoint == "last" and epoch == args.epochs:
+            save_checkpoint(run.model, run.tokenizer, args.out)
+        run.history.train_seconds = round(time.time() - run.started, 2)
+        atomic_write_text(args.out / METRICS_NAME, json.dumps(run.history.to_json(), indent=2) + "\n")
+    return improved
 
 
 def _optimizer_step(args: TrainConfig, model, optimizer, scheduler, scaler) -> None:
@@ -232,14 +314,15 @@ def _optimizer_step(args: TrainConfig, model, optimizer, scheduler, scaler) -> N
     optimizer.zero_grad(set_to_none=True)
 
 
-def evaluate(task, model, dev_shard, tokenizer, labels, args: TrainConfig, ctx: DistContext, amp) -> Dict:
+def evaluate(run: Run) -> Dict:
     """Dev scores over all ranks: each predicts its shard, the additive counts are gathered and summed."""
+    task, labels, args = run.task, run.data.labels, run.args
     counts = task.zero(labels)
-    if dev_shard:
-        predicted = task.predict(model, dev_shard, tokenizer, labels, args.max_seq_length,
-                                 args.eval_batch_size or args.batch_size, ctx.device, amp)
-        counts = task.score(dev_shard, predicted, labels)
+    if run.dev_shard:
+        predicted = task.predict(run.model, run.dev_shard, run.tokenizer, labels, args.max_seq_length,
+                                 args.eval_batch_size or args.batch_size, run.ctx.device, run.amp)
+        counts = task.score(run.dev_shard, predicted, labels)
     total = task.zero(labels)
-    for c in ctx.gather(counts):
+    for c in run.ctx.gather(counts):
         total = total + c
     return total.scores()

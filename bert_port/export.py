@@ -18,12 +18,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from bert_port.heads import MODEL_CLASSES
 from converters.atomic import atomic_path
 from converters.files import CONFIG_NAME, load_json
 
 INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
-HEADS = ("BertModel", "BertForSequenceClassification", "BertForTokenClassification", "BertForTokenTagging",
-         "BertForQuestionAnswering", "BertForMaskedLM", "BertForPreTraining", "BertForNextSentencePrediction")
+# The classes whose inputs are (batch, seq), as each declares (multiple choice adds a choice axis).
+HEADS = tuple(name for name, cls in MODEL_CLASSES.items() if cls.input_axes == ("batch", "seq"))
 TOLERANCE = 1e-4
 
 
@@ -44,9 +45,7 @@ class _Outputs(nn.Module):
 
 
 def output_names(head: str) -> List[str]:
-    return {"BertModel": ["last_hidden_state", "pooled_output"],
-            "BertForQuestionAnswering": ["start_logits", "end_logits"],
-            "BertForPreTraining": ["prediction_scores", "seq_relationship_score"]}.get(head, ["logits"])
+    return list(MODEL_CLASSES[head].output_names)
 
 
 def example_inputs(config, batch: int, seq_len: int, seed: int) -> Tuple[torch.Tensor, ...]:
@@ -81,8 +80,7 @@ def export_onnx(model: nn.Module, path: os.PathLike, head: str, *, exporter: str
 
 
 def _has_seq_axis(head: str, name: str) -> bool:
-    return name not in ("pooled_output", "seq_relationship_score") and head not in (
-        "BertForSequenceClassification", "BertForNextSentencePrediction")
+    return name in MODEL_CLASSES[head].seq_axis_outputs
 
 
 def check_onnx(model: nn.Module, path: os.PathLike, head: str) -> Optional[float]:
@@ -134,11 +132,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError(f"{out}: exists (use --force to replace it)")
         if not out.parent.is_dir():
             raise ValueError(f"{out.parent}: no such directory")
-        import bert_port
-
         local = Path(args.model) if Path(args.model).is_dir() else None
         head = args.head or _head_of(local)
-        model = getattr(bert_port, head).from_pretrained(args.model).eval()
+        model = MODEL_CLASSES[head].from_pretrained(args.model).eval()
         export_onnx(model, out, head, exporter=args.exporter, opset=args.opset)
         worst = check_onnx(model, out, head)
     except Exception as e:  # noqa: BLE001 - one line for expected failures; --debug for the rest

@@ -130,7 +130,7 @@ def run_train(args, log) -> dict:
 
     from bert_port import _finetune_dist as dist
     from bert_port._finetune_tasks import TASKS
-    from bert_port._finetune_train import TrainConfig, seed_everything, train
+    from bert_port._finetune_train import Examples, TrainConfig, seed_everything, train
 
     if args.fp16 and (args.cpu or not torch.cuda.is_available()):
         raise UsageError("--fp16 needs a CUDA GPU; use --bf16 on CPU")
@@ -160,8 +160,8 @@ def run_train(args, log) -> dict:
         log(f"{task.name}: {len(train_examples)} train / {len(dev_examples)} dev examples, {len(labels)} labels, "
             f"{ctx.world_size} process(es) on {ctx.device}, global batch "
             f"{args.batch_size * ctx.world_size * args.grad_accum}")
-        history = train(config, ctx, tokenizer, model, train_examples, dev_examples, labels, log)
-        best = history["best"]
+        history = train(config, ctx, tokenizer, model, Examples(train_examples, dev_examples, labels), log)
+        best = history.best
         log(f"best epoch {best['epoch']}: dev {task.summary(best)}; saved to {out}")
         ctx.barrier()
         return history

@@ -5,7 +5,7 @@ reference. Head models hold the encoder as `self.bert`, so their keys carry the 
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,9 @@ class BertForPreTraining(_TiedMLM):
     """Masked LM + next-sentence heads. Returns total loss, or (prediction_scores, seq_relationship_score)."""
 
     hf_architecture = "BertForPreTraining"
+    key_prefixes = ("cls.predictions.", "cls.seq_relationship.")
+    output_names = ("prediction_scores", "seq_relationship_score")
+    seq_axis_outputs = ("prediction_scores",)
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -121,6 +124,8 @@ class BertForMaskedLM(_TiedMLM):
     """Returns the masked-LM loss (labels -1 ignored), or prediction scores (B, S, V)."""
 
     hf_architecture = "BertForMaskedLM"
+    key_prefixes = ("cls.predictions.",)
+    seq_axis_outputs = ("logits",)
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -139,6 +144,7 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
     """Returns the NSP loss, or scores (B, 2) (0 = "B follows A")."""
 
     hf_architecture = "BertForNextSentencePrediction"
+    key_prefixes = ("cls.seq_relationship.",)
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -170,6 +176,7 @@ class BertForSequenceClassification(_Classifier):
     """Dropout + linear on the pooled output. Returns the loss, or logits (B, num_labels)."""
 
     hf_architecture = "BertForSequenceClassification"
+    key_prefixes = ("classifier.",)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
         _, pooled = self.bert(input_ids, token_type_ids, attention_mask, False)
@@ -183,6 +190,8 @@ class BertForMultipleChoice(BertPreTrainedModel):
     """Inputs (B, C, S); scores each choice from its pooled output. Returns the loss, or logits (B, C)."""
 
     hf_architecture = "BertForMultipleChoice"
+    key_prefixes = ("classifier.",)
+    input_axes = ("batch", "choice", "seq")
 
     def __init__(self, config: BertConfig, num_choices: int = 2) -> None:
         super().__init__(config)
@@ -209,6 +218,8 @@ class BertForTokenTagging(_Classifier):
     """
 
     hf_architecture = "BertForTokenClassification"
+    key_prefixes = ("classifier.",)
+    seq_axis_outputs = ("logits",)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False)
@@ -229,6 +240,9 @@ class BertForQuestionAnswering(BertPreTrainedModel):
     """Span start/end logits (B, S) each; the loss averages start and end cross-entropies."""
 
     hf_architecture = "BertForQuestionAnswering"
+    key_prefixes = ("qa_outputs.",)
+    output_names = ("start_logits", "end_logits")
+    seq_axis_outputs = ("start_logits", "end_logits")
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -250,3 +264,12 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         end = end_positions.view(-1).clamp(0, ignored)
         loss = F.cross_entropy(start_logits, start, ignore_index=ignored)
         return (loss + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
+
+
+# Every model class a config's `architectures` may name, by class name, in the order export's
+# --head lists them. Each declares its key prefixes, outputs and axes on the class itself
+# (see BertPreTrainedModel); export, the fine-tuning tasks, `bert_port` and `modeling` read them here.
+MODEL_CLASSES: Dict[str, Type[BertPreTrainedModel]] = {cls.__name__: cls for cls in (
+    BertModel, BertForSequenceClassification, BertForTokenClassification, BertForTokenTagging,
+    BertForQuestionAnswering, BertForMaskedLM, BertForPreTraining, BertForNextSentencePrediction,
+    BertForMultipleChoice)}

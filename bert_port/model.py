@@ -266,6 +266,9 @@ class BertPooler(nn.Module):
 class BertModel(BertPreTrainedModel):
     """The encoder: `forward` returns `(encoded_layers, pooled_output)` like pytorch_pretrained_bert."""
 
+    output_names = ("last_hidden_state", "pooled_output")
+    seq_axis_outputs = ("last_hidden_state",)
+
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)

@@ -11,18 +11,17 @@ from typing import Dict
 
 from bert_port.config import BertConfig
 from bert_port.file_utils import cached_path
-from bert_port.heads import (BertForMaskedLM, BertForMultipleChoice, BertForNextSentencePrediction,
-                             BertForPreTraining, BertForQuestionAnswering, BertForSequenceClassification,
-                             BertForTokenClassification, BertForTokenTagging, BertLMPredictionHead,
-                             BertOnlyMLMHead, BertOnlyNSPHead, BertPredictionHeadTransform, BertPreTrainingHeads)
+from bert_port.heads import (MODEL_CLASSES, BertLMPredictionHead, BertOnlyMLMHead, BertOnlyNSPHead,
+                             BertPredictionHeadTransform, BertPreTrainingHeads)
 from bert_port.kernels import gelu
 from bert_port.model import (ACT2FN, BertAttention, BertEmbeddings, BertEncoder, BertIntermediate, BertLayer,
-                             BertLayerNorm, BertModel, BertOutput, BertPooler, BertSelfAttention, BertSelfOutput,
+                             BertLayerNorm, BertOutput, BertPooler, BertSelfAttention, BertSelfOutput,
                              swish)
 from bert_port.pretrained import BertPreTrainedModel, load_tf_weights_in_bert
 from converters.files import BERT_CONFIG_NAME, CONFIG_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
+globals().update(MODEL_CLASSES)  # BertModel and every BertFor* class, as bert_port.heads gathers them
 
 
 def _archive_map() -> Dict[str, str]:
@@ -35,12 +34,11 @@ def _archive_map() -> Dict[str, str]:
 PRETRAINED_MODEL_ARCHIVE_MAP = _archive_map()
 
 
-__all__ = [
+__all__ = sorted([
     "ACT2FN", "BERT_CONFIG_NAME", "CONFIG_NAME", "PRETRAINED_MODEL_ARCHIVE_MAP", "TF_WEIGHTS_NAME", "WEIGHTS_NAME",
-    "BertAttention", "BertConfig", "BertEmbeddings", "BertEncoder", "BertForMaskedLM", "BertForMultipleChoice",
-    "BertForNextSentencePrediction", "BertForPreTraining", "BertForQuestionAnswering",
-    "BertForSequenceClassification", "BertForTokenClassification", "BertForTokenTagging", "BertIntermediate",
-    "BertLMPredictionHead", "BertLayer", "BertLayerNorm", "BertModel", "BertOnlyMLMHead", "BertOnlyNSPHead",
+    "BertAttention", "BertConfig", "BertEmbeddings", "BertEncoder", "BertIntermediate",
+    "BertLMPredictionHead", "BertLayer", "BertLayerNorm", "BertOnlyMLMHead", "BertOnlyNSPHead",
     "BertOutput", "BertPooler", "BertPreTrainedModel", "BertPreTrainingHeads", "BertPredictionHeadTransform",
     "BertSelfAttention", "BertSelfOutput", "cached_path", "gelu", "load_tf_weights_in_bert", "swish",
-]
+    *MODEL_CLASSES,
+])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -30,6 +30,12 @@ class BertPreTrainedModel(nn.Module):
     """Base class of BertModel and the task heads."""
 
     hf_architecture: Optional[str] = None  # the transformers class whose keys ours match
+    # What a model class declares once (bert_port.heads.MODEL_CLASSES gathers them for export, the
+    # fine-tuning tasks and the package's names; a test checks the torch-free converters.mapping):
+    key_prefixes: Tuple[str, ...] = ()  # canonical key prefixes of the head's own parameters (beside `bert.`)
+    output_names: Tuple[str, ...] = ("logits",)  # the tensors forward returns without labels, in order
+    seq_axis_outputs: Tuple[str, ...] = ()  # those of output_names whose axis 1 is the sequence
+    input_axes: Tuple[str, ...] = ("batch", "seq")  # the axes of input_ids
 
     def __init__(self, config: BertConfig, *inputs: Any, **kwargs: Any) -> None:
         super().__init__()

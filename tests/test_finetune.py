@@ -286,3 +286,73 @@ def test_minilm_learns_ner_on_held_out_entities(minilm_dir, tmp_path):
     guess = [[p for _, _, p in s] for s in rows]
     assert gold == [s.tags for s in D.read_conll(paths["dev"])]
     assert M.entity_scores(gold, guess)["f1"] == pytest.approx(f1)  # predict reproduces the best epoch
+
+
+# --- the training loop in parts (build, one epoch, end of epoch), each called alone -------------------
+def tag_run(tiny, out, **overrides):
+    """A built tagging Run on the tiny model: 32 sentences, batch 8, 2 epochs, AdamW, dropout 0."""
+    from bert_port._finetune_dist import DistContext
+    from bert_port._finetune_tasks import TAG
+    from bert_port._finetune_train import Examples, TrainConfig, build, seed_everything
+
+    settings = dict(task="tag", out=Path(out), epochs=2, batch_size=8, grad_accum=1, eval_batch_size=None,
+                    max_seq_length=32, optimizer="adamw", lr=1e-3, warmup_proportion=0.1, weight_decay=0.01,
+                    max_grad_norm=1.0, fp16=False, bf16=False, seed=42, checkpoint="best")
+    args = TrainConfig(**{**settings, **overrides})
+    train, dev = TAG.read(tiny["train"]), TAG.read(tiny["dev"])
+    labels = TAG.labels(train, dev)
+    seed_everything(args.seed)
+    tokenizer, model = finetune._load(TAG, str(tiny["model"]), len(labels))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    lines = []
+    return build(args, DistContext(), tokenizer, model, Examples(train, dev, labels), lines.append), lines
+
+
+def test_build_prepares_a_run_without_training(tiny, tmp_path):
+    run, _ = tag_run(tiny, tmp_path / "out", grad_accum=2)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    assert run.steps_per_epoch == 2 and run.history.optimizer_steps == 4  # 32 / 8 = 4 batches, 2 per step
+    assert run.history.global_batch_size == 16 and run.history.step_loss == [] and run.history.epochs == []
+    assert run.model.config.label2id == {lab: i for i, lab in enumerate(run.data.labels)}
+    assert run.net is run.model  # one process: no DDP wrapper
+    assert not run.model.bert.pooler.dense.weight.requires_grad  # TagTask.prepare froze it
+    assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_one_epoch_alone_records_each_step_loss(tiny, tmp_path):
+    from bert_port._finetune_train import run_epoch
+
+    run, _ = tag_run(tiny, tmp_path / "out")
+    run.loader.sampler.set_epoch(1)
+    first = next(iter(run.loader))
+    with torch.no_grad():  # the head's own loss (mean over active, labelled tokens) on the first batch
+        expected = float(run.model(first["input_ids"], first["segment_ids"], first["input_mask"], first["labels"]))
+    before = run.model.classifier.weight.detach().clone()
+    mean = run_epoch(run, 1)
+    assert len(run.history.step_loss) == 4 and run.history.epochs == []
+    assert run.history.step_loss[0] == pytest.approx(expected, rel=1e-5)
+    assert min(run.history.step_loss) <= mean <= max(run.history.step_loss)
+    assert not torch.equal(run.model.classifier.weight, before)
+    assert not (tmp_path / "out" / "metrics.json").exists()  # writing is the end of the epoch's job
+
+
+def test_end_of_epoch_alone_scores_saves_and_writes_metrics(tiny, tmp_path):
+    from bert_port._finetune_train import end_epoch
+
+    out = tmp_path / "out"
+    run, lines = tag_run(tiny, out)
+    assert end_epoch(run, 1, 0.5, time.time() - 100) is True
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["task", "world_size", "global_batch_size", "optimizer_steps", "labels", "epochs",
+                             "step_loss", "best", "f1", "train_seconds"]
+    (record,) = metrics["epochs"]
+    assert list(record) == ["epoch", "train_loss", "dev", "seconds"] and record["epoch"] == 1
+    assert record["train_loss"] == 0.5 and 100 <= record["seconds"] < 200  # the evaluation counts in the epoch
+    assert metrics["best"]["epoch"] == 1 and metrics["f1"] == metrics["epochs"][0]["dev"]["f1"]
+    assert (out / "model.safetensors").is_file() and (out / "vocab.txt").is_file()
+    (out / "model.safetensors").unlink()
+    assert end_epoch(run, 2, 0.4, time.time()) is False  # same weights, same F1: not better, nothing saved
+    assert not (out / "model.safetensors").exists() and run.history.best["epoch"] == 1
+    assert len(json.loads((out / "metrics.json").read_text())["epochs"]) == 2
+    assert lines[0].startswith("epoch 1/2: train loss 0.5000, dev f1 ") and "(best), 1" in lines[0]

@@ -231,6 +231,26 @@ def test_resolve_wrong_bytes_with_known_sha256_leaves_no_file(fake_hub):
     assert leftovers == []
 
 
+def test_a_corrupt_leftover_download_is_fetched_again(fake_hub):
+    """A completed file left in downloads/ by an interrupted run is reused only if its sha256 is
+    the known one: one flipped byte inside tensor data (the conversion would still succeed) means
+    one fresh request, and the manifest records the good digest."""
+    from converters.mge_pickle import load_mge_pickle
+
+    good = fixture_bytes()[0]
+    table = load_mge_pickle(ROOT / "tests" / "fixtures" / "mge" / "hub_bert.pkl")["embeddings.word_embeddings.weight"]
+    at = good.find(table.tobytes()) + table.nbytes // 2  # the middle of the word-embedding table's float data
+    assert at > table.nbytes // 2
+    leftover = fake_hub.cache / "downloads" / TEST_NAME / TEST_WEIGHTS
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(good[:at] + bytes([good[at] ^ 0x01]) + good[at + 1:])
+    entry = hub.resolve(TEST_NAME)
+    assert len(fake_hub.server.gets(fake_hub.weights_path)) == 1
+    manifest = json.loads((entry / cache.MANIFEST).read_text())
+    assert manifest["source"]["files"][TEST_WEIGHTS]["sha256"] == sha(good)
+    assert_matches_megengine(run_model(entry))
+
+
 def test_resolve_offline_with_empty_cache_makes_no_request(fake_hub, monkeypatch):
     monkeypatch.setenv("BERT_PORT_OFFLINE", "1")
     with pytest.raises(hub.HubError, match=f"{TEST_NAME}: not in the cache .*BERT_PORT_OFFLINE=1.*"

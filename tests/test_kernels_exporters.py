@@ -60,7 +60,12 @@ def test_every_kernel_choice_gives_the_plain_linear_result(forced, dtype, tol):
     if kernels._ONEDNN_OP is not None and dtype == torch.float32:
         forced("onednn")
         last_layer(model, inputs)
-        assert "onednn" in kernels.choices().values()  # the forced path really ran
+        chosen = kernels.choices()
+        gelu = {key: choice for key, choice in chosen.items() if key[3].startswith("gelu/")}
+        # the forced path really ran, the fused-GELU epilogue included (a disagreeing oneDNN
+        # result would silently fall back to F.linear and pass the comparison above)
+        assert gelu and set(gelu.values()) == {"onednn"}, chosen
+        assert set(chosen.values()) == {"onednn"}, chosen
 
 
 def test_a_kernel_that_cannot_run_falls_back(forced, monkeypatch):

@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import pickle
+import struct
 import subprocess
 import sys
 
@@ -334,6 +335,20 @@ def test_directory(tmp_path):
 def test_not_a_state_dict(tmp_path, name, data, message):
     with pytest.raises(ConversionError, match=message):
         load_mge_pickle(_bad(tmp_path, name, data))
+
+
+@pytest.mark.parametrize("opcode", [b"\x8e", b"\x8d", b"\x96"])  # BINBYTES8, BINUNICODE8, BYTEARRAY8
+def test_a_terabyte_length_claim_is_refused_before_any_allocation(tmp_path, opcode):
+    """2**40 claimed bytes in a 27-byte file: refused as truncated, in a child whose address space
+    is capped 1 GiB above its size (below the claim, below free RAM), so allocating first would
+    end in MemoryError ("needs more memory") instead of the truncation message."""
+    from tests.security.child import expect, run_limited
+
+    path = _bad(tmp_path, "claim.pkl", b"\x80\x04" + opcode + struct.pack("<Q", 2 ** 40) + b"\x00" * 16)
+    r = run_limited(f"load_mge_pickle({str(path)!r})", setup="from converters.mge_pickle import load_mge_pickle",
+                    wall=5, as_extra=1 << 30)
+    expect(r, "ConversionError", peak_mb=64, match="claim.pkl: truncated pickle")
+    assert str(2 ** 40) in r["message"] and "memory" not in r["message"], r["message"]
 
 
 def test_conversion_error_is_a_value_error(tmp_path):

@@ -63,6 +63,34 @@ def test_padding_does_not_change_real_tokens():
     assert padded[~mask.bool()].abs().max() == 0  # padding positions are not computed
 
 
+def test_train_mode_with_dropout_draws_and_computes_as_the_reference():
+    """Dropout active (train mode): the reference's ops in its order, so the same seed gives the same
+    masks and the same outputs (the attention scores' scale included)."""
+    theirs, ours = pair(ppb.BertModel, bp.BertModel)
+    theirs.train(), ours.train()
+    ids, types, mask = make_inputs()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        ref, ref_pooled = theirs(ids, types, mask, output_all_encoded_layers=False)
+        torch.manual_seed(5)
+        out, pooled = ours(ids, types, mask, output_all_encoded_layers=False)
+    assert max_diff_at_real(ref, out, mask) < TOL and (ref_pooled - pooled).abs().max() < TOL
+
+
+def test_a_soft_mask_is_added_as_the_reference_adds_it():
+    """Fractional mask values scale the reference's -10000: (1 - 0.9995) * -10000 = -5 on a score."""
+    theirs, ours = pair(ppb.BertModel, bp.BertModel)
+    ids, types, mask = make_inputs()
+    soft = mask.float()
+    soft[0, 2:6] = 0.9995
+    with torch.no_grad():
+        ref, ref_pooled = theirs(ids, types, soft, output_all_encoded_layers=False)
+        out, pooled = ours(ids, types, soft, output_all_encoded_layers=False)
+        plain, _ = ours(ids, types, mask, output_all_encoded_layers=False)
+    assert max_diff_at_real(ref, out, mask) < TOL and (ref_pooled - pooled).abs().max() < TOL
+    assert max_diff_at_real(plain, out, mask) > 30 * TOL  # the soft values matter
+
+
 @pytest.mark.parametrize("act", ["gelu_new", "relu"])
 def test_parity_would_catch_a_wrong_activation(act):
     """The test weights are large enough that the GELU variant matters by far more than TOL."""
@@ -112,7 +140,7 @@ def _head_cases():
         ("BertForMultipleChoice", (2,), (choice_ids, types[:2].unsqueeze(0).repeat(2, 1, 1),
                                          mask[:2].unsqueeze(0).repeat(2, 1, 1)), dict(labels=torch.tensor([1, 0]))),
         ("BertForQuestionAnswering", (), (ids, types, mask),
-         dict(start_positions=torch.tensor([1, 3, 40]), end_positions=torch.tensor([2, 5, 6]))),
+         dict(start_positions=torch.tensor([1, 3, 40]), end_positions=torch.tensor([S - 1, 5, 6]))),  # S-1: a real target
     ]
 
 

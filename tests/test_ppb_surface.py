@@ -68,6 +68,78 @@ def test_constants_have_the_reference_values(monkeypatch):
     assert bp.BertAdam is bp.optimization.BertAdam
 
 
+# Documented deliberate differences between a reference signature and ours: (module, qualified name,
+# parameter) -> why. Anything else that differs in a name, its position or its default fails.
+SIGNATURE_DIFFERENCES = {
+    ("optimization", "BertAdam.__init__", "lr"): "the reference's default is its `required` sentinel (an error "
+                                                 "when omitted); ours is a plain required parameter",
+    ("modeling", "BertLayerNorm.forward", "x"): "ours is nn.LayerNorm's forward, whose parameter is `input`",
+}
+
+
+def reference_callables(module: str):
+    """(qualified name, reference callable, ours or None) for every public function of `module`
+    and every method, __init__ included, that a public class defines or inherits from the reference."""
+    theirs = importlib.import_module(f"pytorch_pretrained_bert.{module}")
+    ours = importlib.import_module(f"bert_port.{module}")
+    for name in public_names(theirs):
+        ref, mine = getattr(theirs, name), getattr(ours, name, None)
+        if inspect.isfunction(ref):
+            yield name, ref, mine
+        elif inspect.isclass(ref) and mine is not None:
+            for attr in dir(ref):
+                method = getattr(ref, attr)
+                if (attr.startswith("_") and attr != "__init__") or not callable(method) or not (
+                        getattr(method, "__module__", None) or "").startswith("pytorch_pretrained_bert"):
+                    continue  # torch's own nn.Module methods are the same on both sides
+                yield f"{name}.{attr}", method, getattr(mine, attr, None)
+
+
+def _positional(sig: inspect.Signature):
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p for p in sig.parameters.values() if p.kind in kinds]
+
+
+@pytest.mark.parametrize("module", ["modeling", "tokenization", "optimization", "file_utils"])
+def test_every_reference_signature_and_default_is_ours(module):
+    """Each positional parameter of every reference function/method has our name at the same
+    position, and each reference default is ours, with the same type (1e-12, not 1e-5; None, not 0)."""
+    found, problems = 0, []
+    for qualname, ref, mine in reference_callables(module):
+        if mine is None:
+            if module == "file_utils":
+                continue  # the reference's S3/HTTP plumbing (see test_every_public_name_of_the_reference_imports)
+            problems.append(f"{qualname}: missing")
+            continue
+        found += 1
+        theirs_sig, ours_sig = inspect.signature(ref), inspect.signature(mine)
+        ours_by_name, ours_positional = ours_sig.parameters, _positional(ours_sig)
+        for i, p in enumerate(_positional(theirs_sig)):
+            if (module, qualname, p.name) in SIGNATURE_DIFFERENCES:
+                continue
+            mine_p = ours_positional[i] if i < len(ours_positional) else None
+            if mine_p is None or mine_p.name != p.name:
+                problems.append(f"{qualname}: parameter {i} is {p.name!r}, ours {getattr(mine_p, 'name', None)!r}")
+            elif p.default is not inspect.Parameter.empty and (
+                    mine_p.default != p.default or type(mine_p.default) is not type(p.default)):
+                problems.append(f"{qualname}({p.name}=): {p.default!r} in the reference, ours {mine_p.default!r}")
+        for p in theirs_sig.parameters.values():  # keyword-only and **kwargs-side defaults
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and ours_by_name.get(p.name, p).default != p.default:
+                problems.append(f"{qualname}(*, {p.name}=): differs")
+    assert found >= (2 if module == "file_utils" else 10) and not problems, "\n".join(problems)
+
+
+def test_bert_layer_norm_default_epsilon_is_the_reference_one():
+    """Client heads build BertLayerNorm(hidden) without eps: 1e-12, visible on a near-constant input."""
+    ours, theirs = bp.modeling.BertLayerNorm(8), ppb_modeling.BertLayerNorm(8)
+    assert ours.eps == theirs.variance_epsilon == 1e-12
+    assert ours.variance_epsilon == 1e-12
+    x = 1.0 + 1e-4 * torch.linspace(-1.7, 1.7, 8).repeat(3, 1)  # variance ~1e-8, float32-representable steps
+    assert 1e-9 < x.var(-1, unbiased=False).min() < 1e-7
+    torch.testing.assert_close(ours(x), theirs(x), atol=2e-3, rtol=0)
+    assert ours(x).abs().max() > 1.0  # normalised to unit variance; eps=1e-5 would shrink it to ~0.03
+
+
 def test_schedules_match_the_reference():
     from bert_port import optimization
 
