@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
 import types
 from typing import Any, Callable, Dict
 
@@ -140,13 +141,22 @@ def _resolve(ref: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def new_module(name: str, doc: str, package: bool = False) -> types.ModuleType:
+    """A module made in memory, with a `__spec__` so that `importlib.util.find_spec(name)` answers for it."""
+    module = types.ModuleType(name, doc)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=package)
+    if package:
+        module.__path__ = module.__spec__.submodule_search_locations  # empty: no submodules on disk
+    return module
+
+
 def build_module(short: str) -> types.ModuleType:
     """The stand-in module `pytorch_pretrained_bert.<short>` built from its row of MODULES."""
     import torch
 
     full = f"{_PPB}.{short}"
-    module = types.ModuleType(full, f"pytorch_pretrained_bert 0.6.2's {short} under bert_port: importable, not "
-                                    "implemented (bert_port ports BERT only); see bert_port._non_bert.")
+    module = new_module(full, f"pytorch_pretrained_bert 0.6.2's {short} under bert_port: importable, not "
+                              "implemented (bert_port ports BERT only); see bert_port._non_bert.")
     bases = {"object": object, "Module": torch.nn.Module, "Optimizer": torch.optim.Optimizer}
     for name, spec in MODULES[short].items():
         if isinstance(spec, str) and spec.startswith("class "):

@@ -66,9 +66,10 @@ def _report_real_reference(existing: Optional[types.ModuleType]) -> None:
 def _top_module() -> types.ModuleType:
     """`pytorch_pretrained_bert` itself: the reference's `__init__` names, from bert_port and the stand-ins."""
     import bert_port
+    from bert_port._non_bert import new_module
 
-    top = types.ModuleType(NAME, "pytorch_pretrained_bert 0.6.2's API served by bert_port (bert_port.install_alias).")
-    top.__path__ = []  # a package, whose only submodules are the sys.modules entries below
+    # a package whose only submodules are the sys.modules entries made by install_alias
+    top = new_module(NAME, "pytorch_pretrained_bert 0.6.2's API served by bert_port (bert_port.install_alias).", True)
     top.__version__ = REFERENCE_VERSION  # the API version served; bert_port's own is bert_port.__version__
     setattr(top, _MARK, bert_port.__version__)
     for name in set(bert_port.__all__) - {"install_alias"}:
@@ -83,7 +84,7 @@ def _modules() -> dict:
     modules = {NAME: _top_module()}
     for short, target in BERT_MODULES.items():
         modules[f"{NAME}.{short}"] = importlib.import_module(target)
-    convert = types.ModuleType(f"{NAME}.convert_tf_checkpoint_to_pytorch", convert_tf_checkpoint_to_pytorch.__doc__)
+    convert = _non_bert.new_module(f"{NAME}.convert_tf_checkpoint_to_pytorch", convert_tf_checkpoint_to_pytorch.__doc__)
     convert.convert_tf_checkpoint_to_pytorch = convert_tf_checkpoint_to_pytorch
     modules[convert.__name__] = convert
     for short in _non_bert.MODULES:

@@ -5,6 +5,7 @@ The alias replaces `sys.modules` entries, so the in-process tests put the refere
 afterwards (other test files compare against the real reference in this process).
 """
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -88,6 +89,8 @@ def test_bert_modules_are_bert_ports_own(alias):
     assert entries == {n: m for n, m in sys.modules.items() if n.startswith("pytorch_pretrained_bert")}
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("pytorch_pretrained_bert.not_in_0_6_2")
+    for name in ("pytorch_pretrained_bert", "pytorch_pretrained_bert.modeling", "pytorch_pretrained_bert.modeling_gpt2"):
+        assert importlib.util.find_spec(name) is not None, name  # how libraries probe for a package
 
 
 def reference_owned(value, module):
