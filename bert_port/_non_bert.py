@@ -9,7 +9,8 @@ re-exports here (schedules, `cached_path`, the GPT activations) are bert_port's 
 
 Everything comes from the one table `MODULES`: a spec is `"class <base>"` (a stub class; the base is
 `object`, `Module`, `Optimizer` or another stub of the same module), `"function"` (a stub function),
-`"@module.name"` (a working name from another module), `"=name"` (another name of the same module) or any other value (a constant as is).
+`"@module.name"` (a working name from another module), `"=name"` (another name of the same module)
+or any other value (a constant as is).
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ MODULES: Dict[str, Dict[str, Any]] = {
         **_FILES, **_TXL_UTILITIES, "TF_WEIGHTS_NAME": "model.ckpt", "TransfoXLConfig": "class object",
         "TransfoXLPreTrainedModel": "class Module", "TransfoXLModel": "class TransfoXLPreTrainedModel",
         "TransfoXLLMHeadModel": "class TransfoXLPreTrainedModel", "RelMultiHeadAttn": "class Module",
-        "RelLearnableMultiHeadAttn": "class RelMultiHeadAttn", "RelPartialLearnableMultiHeadAttn": "class RelMultiHeadAttn",
+        "RelLearnableMultiHeadAttn": "class RelMultiHeadAttn",
+        "RelPartialLearnableMultiHeadAttn": "class RelMultiHeadAttn",
         **_LAYER_NORM, **{n: "class Module" for n in ("AdaptiveEmbedding", "DecoderLayer", "MultiHeadAttn",
                                        "PositionalEmbedding", "PositionwiseFF", "RelLearnableDecoderLayer",
                                        "RelPartialLearnableDecoderLayer")},
@@ -99,11 +101,13 @@ MODULES: Dict[str, Dict[str, Any]] = {
 
 # The non-BERT names the reference's `__init__` exports, by module.
 INIT_EXPORTS = {
-    "tokenization_openai": ("OpenAIGPTTokenizer",), "tokenization_transfo_xl": ("TransfoXLTokenizer", "TransfoXLCorpus"),
+    "tokenization_openai": ("OpenAIGPTTokenizer",),
+    "tokenization_transfo_xl": ("TransfoXLTokenizer", "TransfoXLCorpus"),
     "tokenization_gpt2": ("GPT2Tokenizer",), "optimization_openai": ("OpenAIAdam",),
     "modeling_openai": ("OpenAIGPTConfig", "OpenAIGPTModel", "OpenAIGPTLMHeadModel", "OpenAIGPTDoubleHeadsModel",
                         "load_tf_weights_in_openai_gpt"),
-    "modeling_transfo_xl": ("TransfoXLConfig", "TransfoXLModel", "TransfoXLLMHeadModel", "load_tf_weights_in_transfo_xl"),
+    "modeling_transfo_xl": ("TransfoXLConfig", "TransfoXLModel", "TransfoXLLMHeadModel",
+                            "load_tf_weights_in_transfo_xl"),
     "modeling_gpt2": ("GPT2Config", "GPT2Model", "GPT2LMHeadModel", "GPT2DoubleHeadsModel", "load_tf_weights_in_gpt2"),
 }
 
@@ -131,7 +135,8 @@ def _stub_class(module: str, name: str, base: type) -> type:
     def load(cls, *args, **kwargs):
         raise _refuse(f"{module}.{name}")
 
-    namespace = {"__new__": __new__, "__module__": module, "__doc__": f"Not implemented: {_refuse(module + '.' + name)}",
+    namespace = {"__new__": __new__, "__module__": module,
+                 "__doc__": f"Not implemented: {_refuse(module + '.' + name)}",
                  **{m: classmethod(load) for m in ("from_pretrained", "from_dict", "from_json_file")}}
     return type(name, (base,), namespace)
 

@@ -122,7 +122,8 @@ def install_alias() -> types.ModuleType:
 
 USAGE = ("usage: python -m bert_port.alias SCRIPT.py [ARGS...]\n"
          "       python -m bert_port.alias -m MODULE [ARGS...]\n"
-         "Runs SCRIPT (or MODULE, as `python -m` would) unmodified, with `pytorch_pretrained_bert` served by bert_port.")
+         "Runs SCRIPT (or MODULE, as `python -m` would) unmodified, with `pytorch_pretrained_bert` served by "
+         "bert_port.")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -89,7 +89,8 @@ def test_bert_modules_are_bert_ports_own(alias):
     assert entries == {n: m for n, m in sys.modules.items() if n.startswith("pytorch_pretrained_bert")}
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("pytorch_pretrained_bert.not_in_0_6_2")
-    for name in ("pytorch_pretrained_bert", "pytorch_pretrained_bert.modeling", "pytorch_pretrained_bert.modeling_gpt2"):
+    for name in ("pytorch_pretrained_bert", "pytorch_pretrained_bert.modeling",
+                 "pytorch_pretrained_bert.modeling_gpt2"):
         assert importlib.util.find_spec(name) is not None, name  # how libraries probe for a package
 
 

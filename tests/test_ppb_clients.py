@@ -42,7 +42,7 @@ def clients_python() -> str:
 
 @pytest.fixture(scope="module")
 def ppb_model_dir(minilm_dir, tmp_path_factory) -> Path:
-    """all-MiniLM-L6-v2 as pytorch_pretrained_bert 0.6.2 saves a model: bert_config.json + pytorch_model.bin + vocab.txt."""
+    """all-MiniLM-L6-v2 saved as pytorch_pretrained_bert 0.6.2 saves: bert_config.json, pytorch_model.bin, vocab.txt."""
     from safetensors.torch import load_file
 
     out = tmp_path_factory.mktemp("minilm_ppb")
