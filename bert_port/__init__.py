@@ -22,9 +22,10 @@ _EXPORTS = {
     "cached_path": "bert_port.file_utils",
     "WEIGHTS_NAME": "bert_port.file_utils",
     "CONFIG_NAME": "bert_port.file_utils",
+    "install_alias": "bert_port.alias",
 }
-_SUBMODULES = {"cache", "config", "data", "demo", "export", "file_utils", "finetune", "heads", "hub", "io", "kernels",
-               "metrics", "model", "modeling", "optimization", "pretrained", "tokenization"}
+_SUBMODULES = {"alias", "cache", "config", "data", "demo", "export", "file_utils", "finetune", "heads", "hub", "io",
+               "kernels", "metrics", "model", "modeling", "optimization", "pretrained", "tokenization"}
 
 def _model_classes() -> dict:
     return importlib.import_module("bert_port.heads").MODEL_CLASSES
