@@ -104,7 +104,28 @@ def test_one_buffer_shared_by_many_arrays(tmp_path):
     path.write_bytes(shared_buffer_pickle(1 * MiB, 1500))  # ~1.1 MB file; the old reader: 1.5 GB
     size = path.stat().st_size
     r = run_limited(f"load_mge_pickle({str(path)!r})", setup=MGE_SETUP, wall=10)
-    expect(r, "ConversionError", peak_mb=3 * size / MiB + 32, match="more bytes than the file")
+    expect(r, "ConversionError", peak_mb=3 * size / MiB + 32, match="more bytes than the input justifies")
+
+
+def shared_array_pickle(buffer_bytes: int, references: int) -> bytes:
+    """One array (memo 2) referenced by `references` keys through BINGET: one object, many names."""
+    n = buffer_bytes // 4
+    array = call(glob("numpy.core.numeric", "_frombuffer"), binbytes(b"\x01" * buffer_bytes), f4_dtype(),
+                 tup(integer(n)), text("C")) + b"q\x02"
+    body = text("a0") + array + b"".join(text(f"a{i}") + b"h\x02" for i in range(1, references))
+    return p4(glob("collections", "OrderedDict") + b")R(" + body + b"u")
+
+
+def test_one_array_referenced_many_times_is_one_array(tmp_path):
+    """1 MiB file, 1200 references to its one array: one copy (the old reader made 1200, 1.2 GB)."""
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(shared_array_pickle(1 * MiB, 1200))
+    size = path.stat().st_size
+    body = (f"d = load_mge_pickle({str(path)!r})\n"
+            "assert len(d) == 1200 and len({id(v) for v in d.values()}) == 1 and float(d['a7'][0]) != 0\n")
+    r = run_limited(body, setup=MGE_SETUP, wall=10)
+    assert r["error"] is None, r["message"][:500]
+    assert r["peak_growth"] < 3 * size + 32 * MiB, r["peak_growth"]
 
 
 def test_honest_arrays_fill_the_budget_exactly(tmp_path):
