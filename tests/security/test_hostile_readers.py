@@ -298,3 +298,15 @@ def test_fuzz_entry_field_sequences_parse_linearly(fields):
         assert "rank above" in str(err)
     else:
         assert len(e.shape) <= proto.MAX_RANK
+
+
+def test_millions_of_tiny_index_entries_are_counted_not_parsed(tmp_path):
+    """An index of 300k empty-tensor entries (~6 MB, under the byte cap): refused at the record cap
+    after a bounded amount of work (the old reader parsed all of them: seconds and hundreds of MB)."""
+    prefix = tmp_path / "many"
+    entry = proto.encode_entry(1, (0,), 0, 0, mask_crc(crc32c(b"")))
+    write_index(prefix, {f"v{i:07d}": entry for i in range(300_000)})
+    (tmp_path / "many.data-00000-of-00001").write_bytes(b"")
+    r = run_limited(f"load_tf_checkpoint({str(prefix)!r})", setup=TF_SETUP, wall=10)
+    expect(r, "ConversionError", peak_mb=96, match="more entries than the table may hold")
+    assert r["seconds"] < 3, r["seconds"]
