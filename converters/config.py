@@ -15,7 +15,7 @@ import os
 from typing import Any, Dict, Union
 
 from converters.atomic import atomic_write_text
-from converters.files import load_json
+from converters.files import MAX_VOCAB_LINES, load_json
 
 # hidden_act names and the function each computes. Google's TF BERT and MegEngine's BERT both call
 # the tanh approximation "gelu"; pytorch_pretrained_bert and HF call the exact erf form "gelu" and
@@ -40,7 +40,7 @@ GELU_NAMES = {"tanh": "gelu_new", "erf": "gelu"}
 # L 24, I 4096; mBERT V 119547; Megatron-BERT 3.9B: H 2560, L 48), far below what makes a config
 # file cost minutes and gigabytes (num_hidden_layers 20000). The parameter cap bounds the product.
 LIMITS = {
-    "vocab_size": 1 << 20,
+    "vocab_size": MAX_VOCAB_LINES,
     "hidden_size": 1 << 14,
     "num_hidden_layers": 256,
     "num_attention_heads": 1 << 10,

@@ -310,3 +310,13 @@ def test_millions_of_tiny_index_entries_are_counted_not_parsed(tmp_path):
     r = run_limited(f"load_tf_checkpoint({str(prefix)!r})", setup=TF_SETUP, wall=10)
     expect(r, "ConversionError", peak_mb=96, match="more entries than the table may hold")
     assert r["seconds"] < 3, r["seconds"]
+
+
+def test_millions_of_vocab_lines_are_capped(tmp_path):
+    """4 MB of one-character lines (under the 64 MiB cap): refused at the line cap, bounded."""
+    from converters.files import MAX_VOCAB_LINES
+
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(b"a\n" * (2 * MAX_VOCAB_LINES))
+    r = run_limited(f"load_vocab({str(path)!r})", setup="from bert_port.tokenization import load_vocab", wall=10)
+    expect(r, "ValueError", peak_mb=256, match=f"more than {MAX_VOCAB_LINES} lines")
