@@ -109,6 +109,12 @@ def _optional_problem(name: str, value: Any) -> "str | None":
     return None
 
 
+def label_maps(n: int, names: "tuple[str, ...] | None" = None) -> "tuple[dict, dict]":
+    """(id2label, label2id) for `n` classes as HF writes them; unnamed classes are `LABEL_i`."""
+    names = tuple(names) if names is not None else tuple(f"LABEL_{i}" for i in range(n))
+    return {str(i): name for i, name in enumerate(names)}, {name: i for i, name in enumerate(names)}
+
+
 def parameter_count(c: "BertConfig") -> int:
     """Parameters of BertModel (embeddings, encoder, pooler) for this config; no heads."""
     H, I, L = c.hidden_size, c.intermediate_size, c.num_hidden_layers
