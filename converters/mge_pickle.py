@@ -263,6 +263,7 @@ class MgePickleReader(ReaderBase):
     def __init__(self, path: PathLike) -> None:
         self.source = os.fspath(path)
         self._arrays: "Dict[str, np.ndarray] | None" = load_mge_pickle(path)
+        self._budget = Budget.for_input(sum(a.nbytes for a in {id(a): a for a in self._arrays.values()}.values()))
 
     def _get(self, name: str) -> np.ndarray:
         if self._arrays is None:
@@ -280,7 +281,12 @@ class MgePickleReader(ReaderBase):
         return tuple(array.shape), array.dtype.name
 
     def read(self, name: str) -> np.ndarray:
-        return self._get(name).copy()
+        array = self._get(name)
+        try:  # each copy handed out is charged: reading one name a million times is refused
+            self._budget.charge_bytes(array.nbytes, f"tensor {shown(name, 200)}")
+        except MalformedInput as e:
+            raise ConversionError(f"{self.source}: {e}") from e
+        return array.copy()
 
     def close(self) -> None:
         self._arrays = None

@@ -36,7 +36,7 @@ from converters import _tf_proto as proto
 from converters._leveldb_table import build_table, crc32c, mask_crc, put_varint, read_table, read_varint
 from converters.errors import ConversionError, MalformedInput
 from converters.files import check_regular, open_regular
-from converters.reader import MAX_TENSORS, ReaderBase
+from converters.reader import MAX_TENSORS, Budget, ReaderBase
 
 __all__ = ["TFCheckpointReader", "load_tf_checkpoint", "list_variables", "write_tf_checkpoint"]
 
@@ -133,7 +133,7 @@ class TFCheckpointReader(ReaderBase):
                            for key, info in infos if not key.startswith(b"\x00")}
         except MalformedInput as e:
             raise self._error(str(e)) from e
-        self._check_shards()
+        self._budget = Budget.for_input(len(data) + self._check_shards())
 
     # ------------------------------------------------------------ validation
     def _error(self, msg: str, path: str | None = None) -> ConversionError:
@@ -181,7 +181,8 @@ class TFCheckpointReader(ReaderBase):
                               f"{_fmt_shape(e.shape)} ({count} x {label})")
         return _Info(e.dtype, e.shape, e.shard_id, e.offset, e.size, e.crc32c or 0, e.num_slices > 0)
 
-    def _check_shards(self) -> None:
+    def _check_shards(self) -> int:
+        """Every entry inside its shard; returns the shards' total size (what the budget derives from)."""
         sizes: dict[int, int] = {}
         for name, info in self._infos.items():
             if info.sliced:
@@ -199,6 +200,7 @@ class TFCheckpointReader(ReaderBase):
             if info.offset + info.size > sizes[info.shard]:
                 raise self._error(f"tensor {_shown(name)} (offset {info.offset}, size {info.size}) extends beyond "
                                   f"the end of the {sizes[info.shard]}-byte shard; file truncated?", path)
+        return sum(sizes.values())
 
     # ------------------------------------------------------------ public API
     def keys(self) -> list[str]:
@@ -231,6 +233,10 @@ class TFCheckpointReader(ReaderBase):
         """The entry's bytes as a private uint8 array, read with pread (never a memmap) and checked
         against its crc32c. Opened anew for each tensor: O_NONBLOCK plus a regular-file check on
         the descriptor, so a shard swapped for a FIFO since `__init__` cannot block us."""
+        try:  # entries may overlap (one region named 65k times): every read is charged, bounding the work
+            self._budget.charge_bytes(info.size, f"tensor {_shown(name)}")
+        except MalformedInput as e:
+            raise self._error(str(e)) from e
         out = np.empty(info.size, np.uint8)
         crc = pos = 0
         try:

@@ -320,3 +320,14 @@ def test_millions_of_vocab_lines_are_capped(tmp_path):
     path.write_bytes(b"a\n" * (2 * MAX_VOCAB_LINES))
     r = run_limited(f"load_vocab({str(path)!r})", setup="from bert_port.tokenization import load_vocab", wall=10)
     expect(r, "ValueError", peak_mb=256, match=f"more than {MAX_VOCAB_LINES} lines")
+
+
+def test_many_index_entries_naming_one_region_are_charged_per_read(tmp_path):
+    """2000 entries all naming the same 1 MiB of the shard: 2 GB of reads from a 1 MiB file, refused."""
+    prefix = tmp_path / "overlap"
+    data = bytes(range(256)) * 4096
+    entry = proto.encode_entry(1, (len(data) // 4,), 0, len(data), mask_crc(crc32c(data)))
+    write_index(prefix, {f"v{i:05d}": entry for i in range(2000)})
+    (tmp_path / "overlap.data-00000-of-00001").write_bytes(data)
+    r = run_limited(f"load_tf_checkpoint({str(prefix)!r})", setup=TF_SETUP, wall=10)
+    expect(r, "ConversionError", peak_mb=160, match="more bytes than the input justifies")
