@@ -88,8 +88,8 @@ def _ints(value: Any, what: str) -> Shape:
     return value
 
 
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False,
-                    hooks: Any = None, metadata: Any = None) -> _View:
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *flags: Any) -> _View:
+    """torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])."""
     if type(storage) is not _Storage or type(offset) is not int or not 0 <= offset < 1 << 62:
         raise MalformedInput("_rebuild_tensor_v2 without a storage and an offset")
     size, stride = _ints(size, "size"), _ints(stride, "stride")
@@ -103,7 +103,8 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_
     return view
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, state: Any = None) -> _View:
+def _rebuild_parameter(data: Any, *flags: Any) -> _View:
+    """torch._utils._rebuild_parameter(data, requires_grad, hooks[, state]): the tensor is all we keep."""
     if type(data) is not _View:
         raise MalformedInput("_rebuild_parameter of something other than a tensor")
     return data
