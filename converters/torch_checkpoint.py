@@ -27,7 +27,6 @@ import json
 import os
 import struct
 import zipfile
-import zlib
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable, Dict, List, Tuple, Union
 
@@ -187,14 +186,15 @@ class TorchCheckpointReader(ReaderBase):
                         for v in self._views.values())
             if total > self._budget.bytes_left:
                 raise MalformedInput(f"its tensors claim {total} bytes, more than the file's {self._size} justify")
-        except BaseException as e:
+        except ConversionError:
             self.close()
-            if isinstance(e, MalformedInput):
-                raise ConversionError(f"{self.source}: {e}") from e
-            if isinstance(e, (zipfile.BadZipFile, zlib.error, OSError, EOFError, struct.error, RecursionError)):
-                raise ConversionError(f"{self.source}: not a readable weights file ({type(e).__name__}: "
-                                      f"{ascii(str(e)[:200])[1:-1]})") from e
             raise
+        except MalformedInput as e:
+            self.close()
+            raise ConversionError(f"{self.source}: {e}") from e
+        except Exception as e:  # zipfile, zlib, struct and json raise many types on malformed bytes
+            self.close()
+            raise ConversionError(f"{self.source}: not a readable weights file ({_described(e)})") from e
 
     def _open(self) -> Tuple[Dict[str, _View], Callable[[_Storage], bytes]]:
         head = self._pread(0, 512) if self._size >= 512 else self._pread(0, self._size)
@@ -335,9 +335,10 @@ class TorchCheckpointReader(ReaderBase):
             raw = self._fetch(view.storage)
         except MalformedInput as e:
             raise ConversionError(f"{self.source}: {e}") from e
-        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
-            raise ConversionError(f"{self.source}: cannot read tensor {shown(name)} ({type(e).__name__}: "
-                                  f"{ascii(str(e)[:200])[1:-1]})") from e
+        except ConversionError:
+            raise
+        except Exception as e:  # zipfile, zlib, OSError on malformed or changed bytes
+            raise ConversionError(f"{self.source}: cannot read tensor {shown(name)} ({_described(e)})") from e
         if not all(view.shape):
             array = np.zeros(view.shape, dtype.newbyteorder("="))
         else:
@@ -353,6 +354,11 @@ class TorchCheckpointReader(ReaderBase):
         if getattr(self, "_file", None) is not None:
             self._file.close()  # type: ignore[union-attr]
             self._file = None
+
+
+def _described(e: BaseException) -> str:
+    """An exception from a library parsing file bytes, for a one-line message (escapes spelled out)."""
+    return f"{type(e).__name__}: {ascii(str(e)[:200])[1:-1]}"
 
 
 class _BytesFile:

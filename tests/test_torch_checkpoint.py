@@ -232,3 +232,26 @@ def test_safetensors_headers_that_do_not_tile_the_data_are_refused(tmp_path):
     huge = b'{"a":{"dtype":"F32","shape":[1099511627776],"data_offsets":[0,4]}}'
     with pytest.raises(ConversionError, match="do not tile"):
         TorchCheckpointReader(write(huge, bytes(4)))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_mutated_files_end_in_a_conversion_error_or_a_clean_read(tmp_path, variants, name):
+    """Bytes flipped, cut or inserted anywhere: a ConversionError, never another exception type."""
+    import random
+
+    rng = random.Random(name)
+    original = (variants / name).read_bytes()
+    for _ in range(60):
+        data = bytearray(original)
+        p = rng.randrange(len(data))
+        if rng.random() < 0.6:
+            data[p] = rng.randrange(256)
+        else:
+            del data[p:p + rng.randint(1, 16)]
+        (tmp_path / "m.bin").write_bytes(bytes(data))
+        try:
+            with TorchCheckpointReader(tmp_path / "m.bin") as reader:
+                for key in reader.names():
+                    reader.read(key)
+        except ConversionError as e:
+            assert "\n" not in str(e) and str(e).isascii(), str(e)
