@@ -7,6 +7,7 @@ time and streamed into a directory that appears only when complete. `SOURCES` li
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,50 +139,29 @@ def _write_weights(tmp: Path, fmt: str, shapes: Mapping[str, tuple], produce: Ca
         torch.save(tensors, path)
 
 
-def _plan_tf(names: List[str], config: BertConfig) -> mapping.Plan:
-    return mapping.plan_from_tf(names, config.num_hidden_layers)
-
-
-def _plan_mge(names: List[str], config: BertConfig) -> mapping.Plan:
-    return mapping.canonical_from_mge(names)
-
-
-def _plan_torch(names: List[str], config: BertConfig) -> mapping.Plan:
-    return mapping.canonical_from_torch(names)
-
-
-def _open_mge(src: PathLike) -> CheckpointReader:
-    from converters.mge_pickle import MgePickleReader
-
-    return MgePickleReader(src)
-
-
-def _open_tf(src: PathLike) -> CheckpointReader:
-    from converters.tf_checkpoint import TFCheckpointReader
-
-    return TFCheckpointReader(src)
-
-
-def _open_torch(src: PathLike) -> CheckpointReader:
-    from converters.torch_checkpoint import TorchCheckpointReader
-
-    return TorchCheckpointReader(src)
-
-
-# source format -> (open a reader, plan its names). A new format: one reader module, one plan, one row.
-SOURCES: Dict[str, Tuple[Callable[[PathLike], CheckpointReader], Callable[[List[str], BertConfig], mapping.Plan]]] = {
-    "megengine": (_open_mge, _plan_mge),
-    "tf": (_open_tf, _plan_tf),
-    "torch": (_open_torch, _plan_torch),
+# source format -> (its reader class as "module:Class", its plan from names and config). Adding a
+# format is one reader module (a reader.CheckpointReader), one plan in `mapping`, one row here.
+SOURCES: Dict[str, Tuple[str, Callable[[List[str], BertConfig], mapping.Plan]]] = {
+    "megengine": ("converters.mge_pickle:MgePickleReader", lambda names, config: mapping.canonical_from_mge(names)),
+    "tf": ("converters.tf_checkpoint:TFCheckpointReader",
+           lambda names, config: mapping.plan_from_tf(names, config.num_hidden_layers)),
+    "torch": ("converters.torch_checkpoint:TorchCheckpointReader",
+              lambda names, config: mapping.canonical_from_torch(names)),
 }
+
+
+def open_reader(source_format: str, src: PathLike) -> CheckpointReader:
+    """The format's reader on `src` (its module imported only now: a TF conversion loads no pickle code)."""
+    module, _, name = SOURCES[source_format][0].partition(":")
+    return getattr(importlib.import_module(module), name)(src)
 
 
 def convert_file(source_format: str, src: PathLike, options: ConvertOptions) -> dict:
     """Open `src` with the format's reader, plan its names, `convert`. The library call behind every
     import CLI and `bert_port.hub`; raises ConversionError on bad input."""
-    open_reader, make_plan = SOURCES[source_format]
+    make_plan = SOURCES[source_format][1]
     config = load_config(options)  # before the (possibly large) source is opened
-    with open_reader(src) as reader:
+    with open_reader(source_format, src) as reader:
         return convert(reader, make_plan(reader.names(), config), options)
 
 
