@@ -105,6 +105,7 @@ def convert(reader: CheckpointReader, plan: mapping.Plan, options: ConvertOption
         _write_config(tmp, config, architecture, shapes, options.labels)
         if options.vocab is not None:
             copy_file(Path(options.vocab), tmp / VOCAB_NAME, "vocab", MAX_VOCAB_BYTES)
+            _check_vocab_lines(tmp / VOCAB_NAME, options.vocab, config.vocab_size)
         _write_weights(tmp, options.fmt, {name: shapes[name] for name in sorted(shapes)}, produce)
         files = list_files(tmp)
     return {
@@ -113,6 +114,18 @@ def convert(reader: CheckpointReader, plan: mapping.Plan, options: ConvertOption
         "unknown": list(plan.unknown), "parameters": int(sum(int(np.prod(s)) for s in shapes.values())),
         "files": files,
     }
+
+
+def _check_vocab_lines(copy: Path, source: PathLike, vocab_size: int) -> None:
+    """A vocab.txt with more tokens than the embedding has rows gives ids the model cannot look up:
+    refused now (lines counted in C over the copy, not parsed), not at the first long word."""
+    lines, last = 0, b"\n"
+    with open(copy, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+    lines += last != b"\n"
+    if lines > vocab_size:
+        raise ConversionError(f"{source}: vocabulary has {lines} lines, more than the config's vocab_size {vocab_size}")
 
 
 def _write_config(tmp: Path, config: BertConfig, architecture: str, shapes: Mapping[str, tuple],

@@ -215,7 +215,11 @@ class TorchCheckpointReader(ReaderBase):
             raise MalformedInput("a zip without its end-of-central-directory record")
         check_tensor_count(entries[zipfile._ECD_ENTRIES_TOTAL])  # type: ignore[attr-defined]
         z = zipfile.ZipFile(self._file)
-        pickles = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        names = z.namelist()
+        # two readers may disagree on such archives (first vs last duplicate, shifted offsets): refuse
+        if len(set(names)) != len(names) or z.start_dir != entries[zipfile._ECD_OFFSET]:  # type: ignore[attr-defined]
+            raise MalformedInput("a zip with duplicate record names or bytes before the archive")
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise MalformedInput("a zip archive, but not one torch.save wrote (no single <name>/data.pkl)")
         prefix = pickles[0][: -len("data.pkl")]

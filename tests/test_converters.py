@@ -390,3 +390,14 @@ def test_a_new_source_format_is_a_reader_a_plan_and_one_row(tmp_path, monkeypatc
     a = bp.io.load_weights(tmp_path / "a/model.safetensors")
     b = bp.io.load_weights(tmp_path / "b/model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_vocab_longer_than_the_embedding_is_refused(tmp_path):
+    config = json.loads((MGE / "bert_config.json").read_text())
+    (tmp_path / "vocab.txt").write_text("".join(f"t{i}\n" for i in range(config["vocab_size"] + 1)))
+    r = run_cli("converters.mge2torch", MGE / "hub_bert.pkl", "--config", MGE / "bert_config.json",
+                "--vocab", tmp_path / "vocab.txt", "--out", tmp_path / "out")
+    assert r.returncode == 1 and f"more than the config's vocab_size {config['vocab_size']}" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "vocab.txt").write_text("".join(f"t{i}\n" for i in range(config["vocab_size"])))
+    mge_to_torch(MGE / "hub_bert.pkl", MGE / "bert_config.json", tmp_path / "ok", vocab=tmp_path / "vocab.txt")

@@ -255,3 +255,21 @@ def test_mutated_files_end_in_a_conversion_error_or_a_clean_read(tmp_path, varia
                     reader.read(key)
         except ConversionError as e:
             assert "\n" not in str(e) and str(e).isascii(), str(e)
+
+
+def test_ambiguous_zips_are_refused(tmp_path, variants):
+    """Archives two zip readers may read differently: a record name twice, bytes before the archive."""
+    import warnings
+
+    with zipfile.ZipFile(variants / "zip.bin") as zi, zipfile.ZipFile(tmp_path / "dup.bin", "w") as zo:
+        infos = zi.infolist()
+        for info in infos:
+            zo.writestr(info.filename, zi.read(info))
+        storage = next(i for i in infos if "/data/" in i.filename)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+            zo.writestr(storage.filename, bytes(storage.file_size))
+    (tmp_path / "prefixed.bin").write_bytes(b"PK\x03\x04" + bytes(60) + (variants / "zip.bin").read_bytes())
+    for name in ("dup.bin", "prefixed.bin"):
+        with pytest.raises(ConversionError):
+            TorchCheckpointReader(tmp_path / name)
