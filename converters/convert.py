@@ -22,7 +22,6 @@ from converters.errors import ConversionError
 from converters.files import CONFIG_NAME, MAX_VOCAB_BYTES, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, weights_file
 from converters.output import copy_file, list_files, output_directory, write_safetensors
 from converters.reader import CheckpointReader
-from converters.weights import load_weights
 
 PathLike = Union[str, os.PathLike]
 
@@ -189,17 +188,22 @@ def tf_to_torch(prefix: PathLike, config: PathLike, out_dir: PathLike, **options
 
 
 def _canonical_state(model_dir: PathLike) -> Dict[str, np.ndarray]:
-    """A bert_port/HF model directory's weights by canonical name (`bert.` prefix added if absent)."""
+    """A bert_port/HF model directory's weights by canonical name (`bert.` prefix added if absent),
+    read by the torch-free reader (floats as float32: bfloat16/float16 widened exactly)."""
+    from converters.torch_checkpoint import TorchCheckpointReader
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir}: not a model directory")
     try:
-        state = load_weights(weights_file(model_dir))
+        path = weights_file(model_dir)
     except ValueError as e:
         raise ConversionError(str(e)) from e
     out = {}
-    for name, tensor in state.items():
-        out[mapping.canonical_key(name)] = tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
+    with TorchCheckpointReader(path) as reader:
+        for name in reader.names():
+            array = reader.read(name)
+            out[mapping.canonical_key(name)] = array.astype(np.float32) if array.dtype.kind == "f" else array
     return out
 
 
