@@ -290,7 +290,7 @@ class TorchCheckpointReader(ReaderBase):
             storage, (b, e) = _safetensors_storage(name, entry), _offsets((name, entry))
             if b != end or e - b != _nbytes(storage):
                 raise MalformedInput(f"tensor {shown(name)}: data_offsets [{b}, {e}] do not tile the data region")
-            views[name], begin[name], end = _View(storage, 0, storage_shape(entry), _contiguous(entry)), b, e
+            views[name], begin[name], end = _View(storage, 0, _entry_shape(entry), _contiguous(entry)), b, e
         if 8 + n + end != self._size:
             raise MalformedInput(f"safetensors data region is {self._size - 8 - n} bytes, the header describes {end}")
         return views, lambda s: self._charged_pread(8 + n + begin[s.key], _nbytes(s), s.key)
@@ -399,13 +399,13 @@ def _offsets(item: Tuple[str, Any]) -> Tuple[int, int]:
     return offsets[0], offsets[1]
 
 
-def storage_shape(entry: Dict[str, Any]) -> Shape:
+def _entry_shape(entry: Dict[str, Any]) -> Shape:
     shape = entry.get("shape")
     return _ints(tuple(shape) if type(shape) is list else None, "shape")
 
 
 def _contiguous(entry: Dict[str, Any]) -> Shape:
-    shape, stride, step = storage_shape(entry), [], 1
+    shape, stride, step = _entry_shape(entry), [], 1
     for d in reversed(shape):
         stride.append(step)
         step *= d
@@ -416,6 +416,6 @@ def _safetensors_storage(name: str, entry: Dict[str, Any]) -> _Storage:
     if set(entry) != {"dtype", "shape", "data_offsets"} or entry["dtype"] not in _SAFETENSORS:
         raise MalformedInput(f"tensor {shown(name)}: unsupported entry or dtype {shown(entry.get('dtype'))}")
     count = 1
-    for d in storage_shape(entry):
+    for d in _entry_shape(entry):
         count = min(count * d, 1 << 62)
     return _Storage(name, _SAFETENSORS[entry["dtype"]], count)
