@@ -166,12 +166,10 @@ def check_fits(config: BertConfig, source: Optional[Path], state_dict: Optional[
     if source is None:
         shapes = {k: tuple(v.shape) for k, v in (state_dict or {}).items()}
     elif from_tf:
-        from converters.tf_checkpoint import TFCheckpointReader
+        from converters.convert import SOURCES, open_reader, target_shapes
 
-        with TFCheckpointReader(source) as reader:
-            plan = mapping.plan_from_tf(reader.names(), config.num_hidden_layers)
-            shapes = {target: mapping.layout_shape(reader.shape_dtype(name)[0], layout)
-                      for name, (target, layout) in plan.renames.items()}
+        with open_reader("tf", source) as reader:
+            shapes = target_shapes(reader, SOURCES["tf"][1](reader.names(), config))
     else:
         from converters.torch_checkpoint import TorchCheckpointReader
 
