@@ -587,14 +587,15 @@ def _convert_into(model: HubModel, s: Settings, downloads: Path, fetched: Dict[s
                   entry: Path) -> None:
     """Convert in a temp dir, write the manifest last, then rename the whole dir into place."""
     try:
-        from converters.mge2torch import convert
+        from converters.convert import ConvertOptions, convert_file
     except ImportError as e:
         raise HubError(f"{model.name}: the MegEngine converter is unavailable ({e})") from e
     staging = temp_dir_beside(s.cache_dir / model.name)
     try:
         out = staging / model.name
         try:
-            convert(downloads / model.weights, downloads / CONFIG_FILE, out, vocab=downloads / VOCAB_FILE, force=True)
+            options = ConvertOptions(downloads / CONFIG_FILE, out, vocab=downloads / VOCAB_FILE, force=True)
+            convert_file("megengine", downloads / model.weights, options)
         except ValueError as e:  # ConversionError: the downloaded bytes are bad; fetch afresh next time
             _remove_downloads(downloads)
             raise HubError(f"{model.name}: cannot convert the hub files from {s.hub_url}/{model.name}/: {e}") from e

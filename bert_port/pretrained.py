@@ -20,6 +20,7 @@ from bert_port.config import BertConfig
 from bert_port.io import atomic_write_text, save_safetensors
 from converters.files import (CONFIG_NAME, CONFIG_NAMES, SAFE_WEIGHTS_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAMES, find_file,
                               weights_file)
+from converters.config import label_maps
 from converters.mapping import TIED_KEYS
 from converters.weights import open_weights
 
@@ -78,11 +79,14 @@ class BertPreTrainedModel(nn.Module):
         """
         directory = resolve_model_dir(pretrained_model_name_or_path, cache_dir)
         config = BertConfig.from_json_file(find_file(directory, CONFIG_NAMES, "config"))
+        # validate before allocate: the weights exist and fit the config (header only) before the model is built
+        source = _tf_checkpoint(directory) if from_tf else weights_file(directory) if state_dict is None else None
+        check_fits(config, source, state_dict, from_tf=from_tf)
         model = cls(config, *inputs, **kwargs)
         if from_tf:
-            return load_tf_weights_in_bert(model, _tf_checkpoint(directory))
+            return load_tf_weights_in_bert(model, source)
         if state_dict is None:
-            state_dict = open_weights(weights_file(directory))
+            state_dict = open_weights(source)
         model.load_pretrained_state_dict(state_dict, source=str(directory))
         return model
 
@@ -135,8 +139,7 @@ class BertPreTrainedModel(nn.Module):
         if num_labels is not None:
             id2label = config.get("id2label")
             if not isinstance(id2label, dict) or len(id2label) != num_labels:
-                config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-                config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+                config["id2label"], config["label2id"] = label_maps(num_labels)
         atomic_write_text(save_directory / CONFIG_NAME, BertConfig.from_dict(config).to_json_string())
 
 
@@ -158,6 +161,30 @@ def load_tf_weights_in_bert(model: nn.Module, tf_checkpoint_path: Union[str, os.
         logger.info("Skipping %s", name)
     model.load_pretrained_state_dict(state, source=str(tf_checkpoint_path))
     return model
+
+
+def check_fits(config: BertConfig, source: Optional[Path], state_dict: Optional[Mapping[str, Any]] = None, *,
+               from_tf: bool = False) -> None:
+    """ValueError naming the file unless every tensor of `source` (a weights file or TF prefix; or
+    `state_dict`) has the shape `config` implies. Reads headers only: no tensor, no model."""
+    from converters import mapping
+
+    if source is None:
+        shapes = {k: tuple(v.shape) for k, v in (state_dict or {}).items()}
+    elif from_tf:
+        from converters.convert import SOURCES, open_reader, target_shapes
+
+        with open_reader("tf", source) as reader:
+            shapes = target_shapes(reader, SOURCES["tf"][1](reader.names(), config))
+    else:
+        from converters.torch_checkpoint import TorchCheckpointReader
+
+        with TorchCheckpointReader(source) as reader:
+            shapes = {name: reader.shape_dtype(name)[0] for name in reader.names()}
+    bad = mapping.shape_mismatches(shapes, config)
+    if bad:
+        shown = "; ".join(bad[:4]) + (f"; and {len(bad) - 4} more" if len(bad) > 4 else "")
+        raise ValueError(f"{source or 'state_dict'}: shapes do not match the config: {shown}")
 
 
 def normalize_keys(state_dict: Mapping[str, Any], expected: Mapping[str, Any]) -> Dict[str, str]:

@@ -205,8 +205,9 @@ def _as_text(text: Union[str, bytes]) -> str:
 def load_vocab(vocab_file: PathLike) -> "collections.OrderedDict[str, int]":
     """Token -> id, one token per line, stripped as Google and ppb do (HF strips only "\\n"); a
     repeated token keeps its last id. The file must be a regular file of at most 64 MiB (ValueError
-    otherwise: a FIFO or /dev/zero would hang or fill memory)."""
-    from converters.files import MAX_VOCAB_BYTES, NotARegularFile, open_regular
+    otherwise: a FIFO or /dev/zero would hang or fill memory), of at most MAX_VOCAB_LINES lines,
+    counted as they are read (64 MiB of one-character lines cost seconds and GBs of dict)."""
+    from converters.files import MAX_VOCAB_BYTES, MAX_VOCAB_LINES, NotARegularFile, open_regular
 
     vocab = collections.OrderedDict()
     try:
@@ -215,6 +216,9 @@ def load_vocab(vocab_file: PathLike) -> "collections.OrderedDict[str, int]":
         raise ValueError(str(e)) from e
     with f, io.TextIOWrapper(f, encoding="utf-8") as reader:
         for index, line in enumerate(reader):
+            if index >= MAX_VOCAB_LINES:
+                raise ValueError(f"{vocab_file}: vocabulary has more than {MAX_VOCAB_LINES} lines "
+                                 "(the largest vocab_size a config may declare)")
             vocab[line.strip()] = index
     return vocab
 

@@ -94,8 +94,9 @@ def _read_block(data: bytes, offset: int, size: int, limit: int, what: str) -> b
     return content
 
 
-def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
-    """Decode all (key, value) pairs of a block, validating the restart array."""
+def _block_entries(block: bytes, what: str, max_entries: int = 1 << 62) -> list[tuple[bytes, bytes]]:
+    """Decode all (key, value) pairs of a block, validating the restart array; more than
+    `max_entries` is refused as soon as it is seen (each entry costs Python objects)."""
     n = len(block)
     if n < 4:
         raise MalformedInput(f"{what} is {n} bytes, too short for its restart count")
@@ -128,6 +129,8 @@ def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
             raise MalformedInput(f"{what}: prefix-compressed keys expand implausibly")
         key = new_key
         pos += non_shared
+        if len(out) >= max_entries:
+            raise MalformedInput(f"{what}: more entries than the table may hold (the record limit is reached)")
         out.append((key, block[pos:pos + value_len]))
         pos += value_len
         shared_at[start] = shared
@@ -141,8 +144,11 @@ def _block_entries(block: bytes, what: str) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
-    """All (key, value) pairs of a LevelDB table held in `data`, in (checked) sorted order."""
+def read_table(data: bytes, max_entries: int = 1 << 62) -> list[tuple[bytes, bytes]]:
+    """All (key, value) pairs of a LevelDB table held in `data`, in (checked) sorted order.
+
+    At most `max_entries` data entries (and as many data blocks): the work is charged per record
+    and stops at the cap, whatever the bytes allow."""
     if len(data) < FOOTER_LEN:
         raise MalformedInput(f"truncated: {len(data)} bytes, shorter than the {FOOTER_LEN}-byte footer")
     limit = len(data) - FOOTER_LEN
@@ -157,7 +163,7 @@ def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
     except MalformedInput as e:
         raise MalformedInput(f"bad footer: {e}") from e
     _block_entries(_read_block(data, meta_off, meta_size, limit, "metaindex block"), "metaindex block")
-    index = _block_entries(_read_block(data, index_off, index_size, limit, "index block"), "index block")
+    index = _block_entries(_read_block(data, index_off, index_size, limit, "index block"), "index block", max_entries)
     out: list[tuple[bytes, bytes]] = []
     prev_end = 0
     for separator, handle in index:
@@ -171,7 +177,7 @@ def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
         if off < prev_end:  # blocks must not overlap: bounds total work by the file size
             raise MalformedInput(f"data block at offset {off} overlaps the previous block")
         what = f"data block at offset {off}"
-        for key, value in _block_entries(_read_block(data, off, size, limit, what), what):
+        for key, value in _block_entries(_read_block(data, off, size, limit, what), what, max_entries - len(out)):
             if out and key <= out[-1][0]:
                 raise MalformedInput(f"keys out of order or duplicated at {key[:80]!r}")
             if key > separator:

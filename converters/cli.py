@@ -10,6 +10,7 @@ import sys
 from typing import Callable, NoReturn
 
 from converters.config import GELU_NAMES
+from converters.convert import ConvertOptions
 from converters.errors import ConversionError
 
 GELU_HELP = (
@@ -34,6 +35,14 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", dest="fmt", choices=("safetensors", "pytorch"), default="safetensors",
                    help="model.safetensors (default) or pytorch_model.bin")
     p.add_argument("--gelu", choices=sorted(GELU_NAMES), default="tanh", help=GELU_HELP)
+    p.add_argument("--labels", help="comma-separated class names of a classifier (default LABEL_0, LABEL_1, ...)")
+
+
+def options(args: argparse.Namespace) -> ConvertOptions:
+    """The parsed import arguments as the one options value the conversion takes."""
+    labels = tuple(args.labels.split(",")) if getattr(args, "labels", None) else None
+    return ConvertOptions(config=args.config, out=args.out, vocab=args.vocab, gelu=args.gelu, fmt=args.fmt,
+                          force=args.force, labels=labels)
 
 
 def main(p: argparse.ArgumentParser, action: Callable[[argparse.Namespace], dict]) -> NoReturn:

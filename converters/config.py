@@ -12,10 +12,11 @@ from __future__ import annotations
 import copy
 import json
 import os
+import math
 from typing import Any, Dict, Union
 
 from converters.atomic import atomic_write_text
-from converters.files import load_json
+from converters.files import MAX_VOCAB_LINES, load_json
 
 # hidden_act names and the function each computes. Google's TF BERT and MegEngine's BERT both call
 # the tanh approximation "gelu"; pytorch_pretrained_bert and HF call the exact erf form "gelu" and
@@ -40,7 +41,7 @@ GELU_NAMES = {"tanh": "gelu_new", "erf": "gelu"}
 # L 24, I 4096; mBERT V 119547; Megatron-BERT 3.9B: H 2560, L 48), far below what makes a config
 # file cost minutes and gigabytes (num_hidden_layers 20000). The parameter cap bounds the product.
 LIMITS = {
-    "vocab_size": 1 << 20,
+    "vocab_size": MAX_VOCAB_LINES,
     "hidden_size": 1 << 14,
     "num_hidden_layers": 256,
     "num_attention_heads": 1 << 10,
@@ -50,6 +51,68 @@ LIMITS = {
 }
 MAX_PARAMETERS = 1 << 32  # 16 GiB of float32 weights
 MAX_CONFIG_BYTES = 1 << 20
+MAX_NESTING = 16  # depth of any value in a config (HF's id2label is 2); deeper crashed deepcopy/repr later
+MAX_LABELS = 1 << 12  # id2label/label2id entries (= the token-type limit: far above any classifier)
+
+# Real-valued fields: (lowest, highest) allowed, both inclusive; NaN and infinities never pass.
+RANGES = {
+    "hidden_dropout_prob": (0.0, 1.0),
+    "attention_probs_dropout_prob": (0.0, 1.0),
+    "initializer_range": (0.0, 1e3),
+    "layer_norm_eps": (0.0, 1.0),
+}
+
+
+def shown(value: Any) -> str:
+    """A config value for an error message: short, and safe for any type (a 10**5000 int's str()
+    raises, a 10000-deep list's repr() recurses)."""
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'} of {len(value)} items"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text[:100] + ("..." if len(text) > 100 else "")
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    """Whether `value` nests at most `limit` lists/dicts deep (iterative: no recursion to exhaust)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth >= limit:
+                return False
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
+def _optional_problem(name: str, value: Any) -> "str | None":
+    """The problem with an optional, known field (None if fine); unknown fields only nest-check."""
+    if name == "fast_dropout" and not isinstance(value, bool):
+        return "must be true or false"
+    if name in ("pad_token_id", "num_labels") and value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < LIMITS["vocab_size"]):
+        return f"must be an int in [0, {LIMITS['vocab_size']})"
+    if name in ("model_type", "position_embedding_type") and not isinstance(value, str):
+        return "must be a string"
+    if name == "position_embedding_type" and value != "absolute":
+        return "must be \"absolute\" (bert_port implements absolute position embeddings only)"
+    if name == "architectures" and (not isinstance(value, list) or not all(isinstance(a, str) for a in value)):
+        return "must be a list of strings"
+    if name in ("id2label", "label2id"):
+        want = str if name == "id2label" else int
+        if (not isinstance(value, dict) or len(value) > MAX_LABELS
+                or not all(isinstance(v, want) and not isinstance(v, bool) for v in value.values())):
+            return f"must be an object of at most {MAX_LABELS} entries with {want.__name__} values"
+    if not _depth_ok(value, MAX_NESTING):
+        return f"nests deeper than {MAX_NESTING} levels"
+    return None
+
+
+def label_maps(n: int, names: "tuple[str, ...] | None" = None) -> "tuple[dict, dict]":
+    """(id2label, label2id) for `n` classes as HF writes them; unnamed classes are `LABEL_i`."""
+    names = tuple(names) if names is not None else tuple(f"LABEL_{i}" for i in range(n))
+    return {str(i): name for i, name in enumerate(names)}, {name: i for i, name in enumerate(names)}
 
 
 def parameter_count(c: "BertConfig") -> int:
@@ -104,15 +167,27 @@ class BertConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Fail early, naming the field, instead of deep inside torch."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+        """Fail early, naming the field, instead of deep inside torch: every field's type, range
+        and nesting depth (SECURITY.md, "Limits")."""
+        for name in LIMITS:
             value = getattr(self, name, None)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"BertConfig.{name} must be a positive int, got {value!r:.100}")
+                raise ValueError(f"BertConfig.{name} must be a positive int, got {shown(value)}")
             if value > LIMITS[name]:
-                raise ValueError(f"BertConfig.{name} = {value} is above the limit of {LIMITS[name]} "
+                raise ValueError(f"BertConfig.{name} = {shown(value)} is above the limit of {LIMITS[name]} "
                                  "(see SECURITY.md)")
+        for name, (low, high) in RANGES.items():
+            value = getattr(self, name, None)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or (isinstance(value, float) and not math.isfinite(value)) or not low <= value <= high):
+                raise ValueError(f"BertConfig.{name} must be a number in [{low:g}, {high:g}], got {shown(value)}")
+        for name, value in self.__dict__.items():
+            problem = None if name in LIMITS or name in RANGES or name == "hidden_act" else _optional_problem(name, value)
+            if problem:
+                raise ValueError(f"BertConfig.{name} {problem}, got {shown(value)}")
+        self._validate_model()
+
+    def _validate_model(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"BertConfig.hidden_size ({self.hidden_size}) is not a multiple of "
@@ -124,7 +199,7 @@ class BertConfig:
                              f"{MAX_PARAMETERS:,} (see SECURITY.md)")
         if not callable(self.hidden_act) and (not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS):
             raise ValueError(
-                f"BertConfig.hidden_act {self.hidden_act!r:.100} is not supported; use one of {sorted(ACTIVATIONS)}"
+                f"BertConfig.hidden_act {shown(self.hidden_act)} is not supported; use one of {sorted(ACTIVATIONS)}"
             )
 
     @classmethod
@@ -133,7 +208,10 @@ class BertConfig:
         data = dict(json_object)
         vocab_size = data.pop("vocab_size", None)
         if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-            raise ValueError(f"config field 'vocab_size' must be a positive int, got {vocab_size!r:.100}")
+            raise ValueError(f"config field 'vocab_size' must be a positive int, got {shown(vocab_size)}")
+        bad = [k for k in data if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            raise ValueError(f"config field name {shown(bad[0])} is not an identifier")
         return cls(vocab_size, **data)
 
     @classmethod
@@ -146,6 +224,9 @@ class BertConfig:
             raise ValueError(f"{json_file}: not UTF-8 ({e.reason})") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"{json_file}: not valid JSON ({e})") from e
+        except ValueError as e:  # nesting beyond the recursion limit, an integer of > 4300 digits
+            text = str(e).splitlines()[0][:200] if str(e) else "unreadable JSON"
+            raise ValueError(text if text.startswith(os.fspath(json_file)) else f"{json_file}: {text}") from e
         if not isinstance(data, dict):
             raise ValueError(f"{json_file}: a config must be a JSON object")
         try:

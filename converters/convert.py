@@ -1,37 +1,59 @@
-"""Conversions between MegEngine / TF checkpoints and bert_port model directories.
+"""Conversions between source checkpoints (MegEngine, TF, torch/safetensors) and bert_port model
+directories, and back (torch2mge, torch2tf).
 
-Each direction is: read names -> plan them with `converters.mapping` -> check every shape against
-the config -> write, streaming, into a directory that appears only when complete.
+An import is `convert(reader, plan, options)`: a `reader.CheckpointReader` gives names and shapes,
+`mapping` plans them, every shape is checked against the config, then tensors are read one at a
+time and streamed into a directory that appears only when complete. `SOURCES` lists the formats.
 """
 from __future__ import annotations
 
+import importlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from converters import mapping
 from converters.atomic import atomic_path, atomic_write_text
-from converters.config import ACTIVATIONS, GELU_NAMES, BertConfig
+from converters.config import ACTIVATIONS, GELU_NAMES, BertConfig, label_maps
 from converters.errors import ConversionError
 from converters.files import CONFIG_NAME, MAX_VOCAB_BYTES, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, weights_file
 from converters.output import copy_file, list_files, output_directory, write_safetensors
-from converters.weights import load_weights
+from converters.reader import CheckpointReader
 
 PathLike = Union[str, os.PathLike]
 
-def load_config(config_path: PathLike, gelu: str) -> BertConfig:
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything a conversion into a model directory is told, from argparse (or a library call) to
+    the writer, as one value. `labels` names the classifier's classes (default `LABEL_i`)."""
+
+    config: PathLike  # the source's bert_config.json
+    out: PathLike  # the model directory to create
+    vocab: Optional[PathLike] = None  # vocab.txt to copy beside the weights
+    gelu: str = "tanh"  # what a source "gelu" becomes: GELU_NAMES key
+    fmt: str = "safetensors"  # or "pytorch" (pytorch_model.bin)
+    force: bool = False  # replace an existing output of ours
+    labels: Optional[Tuple[str, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.gelu not in GELU_NAMES:
+            raise ConversionError(f"--gelu must be one of {sorted(GELU_NAMES)}, got {self.gelu!r}")
+        if self.fmt not in ("safetensors", "pytorch"):
+            raise ConversionError(f"--format must be safetensors or pytorch, got {self.fmt!r}")
+
+
+def load_config(options: ConvertOptions) -> BertConfig:
     """The source's bert_config.json as a BertConfig whose hidden_act names the function the source
     framework computed ("tanh", the default) or exact GELU ("erf", `--gelu erf`)."""
-    if gelu not in GELU_NAMES:
-        raise ConversionError(f"--gelu must be one of {sorted(GELU_NAMES)}, got {gelu!r}")
     try:
-        config = BertConfig.from_json_file(config_path)
+        config = BertConfig.from_json_file(options.config)
     except ValueError as e:
         raise ConversionError(str(e)) from e
     if ACTIVATIONS.get(config.hidden_act) in ("gelu_erf", "gelu_tanh"):
-        config.hidden_act = GELU_NAMES[gelu]
+        config.hidden_act = GELU_NAMES[options.gelu]
     return config
 
 
@@ -53,102 +75,135 @@ def check_against_config(source: str, config_path: PathLike, shapes: Mapping[str
     return architecture
 
 
-def write_model_dir(
-    source: str,
-    config,
-    config_path: PathLike,
-    plan: mapping.Plan,
-    shapes: Mapping[str, tuple],
-    read: Callable[[str], np.ndarray],
-    out_dir: PathLike,
-    vocab: Optional[PathLike],
-    fmt: str,
-    force: bool,
-) -> dict:
-    """Write config.json + weights (+ vocab.txt) for a planned conversion. `shapes` are target shapes."""
-    if fmt not in ("safetensors", "pytorch"):
-        raise ConversionError(f"--format must be safetensors or pytorch, got {fmt!r}")
-    architecture = check_against_config(source, config_path, shapes, config)
+def target_shapes(reader: CheckpointReader, plan: mapping.Plan) -> Dict[str, Tuple[int, ...]]:
+    """Each planned tensor's shape in the target layout, from the reader's header (nothing read)."""
+    shapes = {}
+    for name, (target, layout) in plan.renames.items():
+        shape, _ = reader.shape_dtype(name)
+        shapes[target] = mapping.layout_shape(shape, layout)
+    return shapes
+
+
+def convert(reader: CheckpointReader, plan: mapping.Plan, options: ConvertOptions) -> dict:
+    """THE conversion: a planned checkpoint -> config.json + weights (+ vocab.txt) in `options.out`.
+
+    Every shape is checked against the config before anything is read; tensors are then read one
+    at a time and streamed into the output, which appears only when complete."""
+    config = load_config(options)
+    shapes = target_shapes(reader, plan)
+    architecture = check_against_config(reader.source, options.config, shapes, config)
     by_target = {target: (src, layout) for src, (target, layout) in plan.renames.items()}
 
     def produce(target: str) -> np.ndarray:
         src, layout = by_target[target]
-        array = mapping.to_layout(np.asarray(read(src)), layout)
+        array = mapping.to_layout(np.asarray(reader.read(src)), layout)
         return array.astype(np.float32, copy=False) if array.dtype.kind == "f" else array
 
-    order = sorted(shapes)
-    out_dir = Path(out_dir)
-    with output_directory(out_dir, force) as tmp:
-        hf = config.to_hf_dict([architecture])
-        if "classifier.weight" in shapes:
-            n = shapes["classifier.weight"][0]
-            hf.setdefault("id2label", {str(i): f"LABEL_{i}" for i in range(n)})
-            hf.setdefault("label2id", {f"LABEL_{i}": i for i in range(n)})
-        atomic_write_text(tmp / CONFIG_NAME, BertConfig.from_dict(hf).to_json_string())
-        if vocab is not None:
-            copy_file(Path(vocab), tmp / VOCAB_NAME, "vocab", MAX_VOCAB_BYTES)
-        if fmt == "safetensors":
-            specs = [(name, np.dtype(np.float32), shapes[name]) for name in order]
-            write_safetensors(tmp / SAFE_WEIGHTS_NAME, specs, produce)
-        else:
-            import torch
-
-            tensors = {name: torch.from_numpy(np.array(produce(name))) for name in order}
-            with atomic_path(tmp / WEIGHTS_NAME) as path:
-                torch.save(tensors, path)
+    out_dir = Path(options.out)
+    with output_directory(out_dir, options.force) as tmp:
+        _write_config(tmp, config, architecture, shapes, options.labels)
+        if options.vocab is not None:
+            copy_file(Path(options.vocab), tmp / VOCAB_NAME, "vocab", MAX_VOCAB_BYTES)
+            _check_vocab_lines(tmp / VOCAB_NAME, options.vocab, config.vocab_size)
+        _write_weights(tmp, options.fmt, {name: shapes[name] for name in sorted(shapes)}, produce)
         files = list_files(tmp)
     return {
-        "source": source,
-        "output": str(out_dir),
-        "architecture": architecture,
-        "hidden_act": config.hidden_act,
-        "tensors_converted": len(order),
-        "skipped": len(plan.skipped),
-        "unknown": list(plan.unknown),
-        "parameters": int(sum(int(np.prod(s)) for s in shapes.values())),
+        "source": reader.source, "output": str(out_dir), "architecture": architecture,
+        "hidden_act": config.hidden_act, "tensors_converted": len(shapes), "skipped": len(plan.skipped),
+        "unknown": list(plan.unknown), "parameters": int(sum(int(np.prod(s)) for s in shapes.values())),
         "files": files,
     }
 
 
-def mge_to_torch(src: PathLike, config: PathLike, out_dir: PathLike, *, vocab: Optional[PathLike] = None,
-                 gelu: str = "tanh", fmt: str = "safetensors", force: bool = False) -> dict:
+def _check_vocab_lines(copy: Path, source: PathLike, vocab_size: int) -> None:
+    """A vocab.txt with more tokens than the embedding has rows gives ids the model cannot look up:
+    refused now (lines counted in C over the copy, not parsed), not at the first long word."""
+    lines, last = 0, b"\n"
+    with open(copy, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            lines, last = lines + block.count(b"\n"), block[-1:]
+    lines += last != b"\n"
+    if lines > vocab_size:
+        raise ConversionError(f"{source}: vocabulary has {lines} lines, more than the config's vocab_size {vocab_size}")
+
+
+def _write_config(tmp: Path, config: BertConfig, architecture: str, shapes: Mapping[str, tuple],
+                  labels: Optional[Tuple[str, ...]]) -> None:
+    hf = config.to_hf_dict([architecture])
+    if "classifier.weight" in shapes:
+        n = shapes["classifier.weight"][0]
+        if labels is not None and len(labels) != n:
+            raise ConversionError(f"{len(labels)} labels given for a classifier of {n} classes")
+        id2label, label2id = label_maps(n, labels)
+        hf.setdefault("id2label", id2label)
+        hf.setdefault("label2id", label2id)
+    atomic_write_text(tmp / CONFIG_NAME, BertConfig.from_dict(hf).to_json_string())
+
+
+def _write_weights(tmp: Path, fmt: str, shapes: Mapping[str, tuple], produce: Callable[[str], np.ndarray]) -> None:
+    if fmt == "safetensors":
+        write_safetensors(tmp / SAFE_WEIGHTS_NAME, [(n, np.dtype(np.float32), s) for n, s in shapes.items()], produce)
+        return
+    import torch
+
+    tensors = {name: torch.from_numpy(np.array(produce(name))) for name in shapes}
+    with atomic_path(tmp / WEIGHTS_NAME) as path:
+        torch.save(tensors, path)
+
+
+# source format -> (its reader class as "module:Class", its plan from names and config). Adding a
+# format is one reader module (a reader.CheckpointReader), one plan in `mapping`, one row here.
+SOURCES: Dict[str, Tuple[str, Callable[[List[str], BertConfig], mapping.Plan]]] = {
+    "megengine": ("converters.mge_pickle:MgePickleReader", lambda names, config: mapping.canonical_from_mge(names)),
+    "tf": ("converters.tf_checkpoint:TFCheckpointReader",
+           lambda names, config: mapping.plan_from_tf(names, config.num_hidden_layers)),
+    "torch": ("converters.torch_checkpoint:TorchCheckpointReader",
+              lambda names, config: mapping.canonical_from_torch(names)),
+}
+
+
+def open_reader(source_format: str, src: PathLike) -> CheckpointReader:
+    """The format's reader on `src` (its module imported only now: a TF conversion loads no pickle code)."""
+    module, _, name = SOURCES[source_format][0].partition(":")
+    return getattr(importlib.import_module(module), name)(src)
+
+
+def convert_file(source_format: str, src: PathLike, options: ConvertOptions) -> dict:
+    """Open `src` with the format's reader, plan its names, `convert`. The library call behind every
+    import CLI and `bert_port.hub`; raises ConversionError on bad input."""
+    make_plan = SOURCES[source_format][1]
+    config = load_config(options)  # before the (possibly large) source is opened
+    with open_reader(source_format, src) as reader:
+        return convert(reader, make_plan(reader.names(), config), options)
+
+
+def mge_to_torch(src: PathLike, config: PathLike, out_dir: PathLike, **options: Any) -> dict:
     """MegEngine hub .pkl (or a Models classifier) -> bert_port/HF model directory."""
-    from converters.mge_pickle import load_mge_pickle
-
-    cfg = load_config(config, gelu)
-    tensors = load_mge_pickle(src)
-    plan = mapping.canonical_from_mge(tensors)
-    shapes = {target: tuple(tensors[name].shape) for name, (target, _) in plan.renames.items()}
-    return write_model_dir(str(src), cfg, config, plan, shapes, tensors.__getitem__, out_dir, vocab, fmt, force)
+    return convert_file("megengine", src, ConvertOptions(config, out_dir, **options))
 
 
-def tf_to_torch(prefix: PathLike, config: PathLike, out_dir: PathLike, *, vocab: Optional[PathLike] = None,
-                gelu: str = "tanh", fmt: str = "safetensors", force: bool = False) -> dict:
+def tf_to_torch(prefix: PathLike, config: PathLike, out_dir: PathLike, **options: Any) -> dict:
     """Google TF1 / TF2 checkpoint -> bert_port/HF model directory, one tensor in memory at a time."""
-    from converters.tf_checkpoint import TFCheckpointReader
-
-    cfg = load_config(config, gelu)
-    reader = TFCheckpointReader(prefix)
-    plan = mapping.plan_from_tf(reader.keys(), cfg.num_hidden_layers)
-    shapes = {}
-    for name, (target, layout) in plan.renames.items():
-        shape, _ = reader.shape_dtype(name)
-        shapes[target] = mapping.to_layout(np.empty(shape, dtype=np.uint8), layout).shape
-    return write_model_dir(str(prefix), cfg, config, plan, shapes, reader.get, out_dir, vocab, fmt, force)
+    return convert_file("tf", prefix, ConvertOptions(config, out_dir, **options))
 
 
 def _canonical_state(model_dir: PathLike) -> Dict[str, np.ndarray]:
-    """A bert_port/HF model directory's weights by canonical name (`bert.` prefix added if absent)."""
+    """A bert_port/HF model directory's weights by canonical name (`bert.` prefix added if absent),
+    read by the torch-free reader (floats as float32: bfloat16/float16 widened exactly)."""
+    from converters.torch_checkpoint import TorchCheckpointReader
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir}: not a model directory")
     try:
-        state = load_weights(weights_file(model_dir))
+        path = weights_file(model_dir)
     except ValueError as e:
         raise ConversionError(str(e)) from e
     out = {}
-    for name, tensor in state.items():
-        out[mapping.canonical_key(name)] = tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
+    with TorchCheckpointReader(path) as reader:
+        for name in reader.names():
+            array = reader.read(name)
+            out[mapping.canonical_key(name)] = array.astype(np.float32) if array.dtype.kind == "f" else array
     return out
 
 

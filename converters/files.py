@@ -36,6 +36,7 @@ MiB = 1 << 20
 # bert_config.json ~0.5 KiB, tokenizer_config.json < 1 KiB, the multilingual vocab.txt 0.9 MiB.
 MAX_JSON_BYTES = 1 * MiB
 MAX_VOCAB_BYTES = 64 * MiB
+MAX_VOCAB_LINES = 1 << 20  # tokens per vocab.txt, = the config's vocab_size limit (mBERT: 119,547)
 
 
 class NotARegularFile(OSError):

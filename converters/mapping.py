@@ -163,6 +163,26 @@ def to_layout(array: np.ndarray, layout: str) -> np.ndarray:
     return array
 
 
+def layout_shape(shape: Tuple[int, ...], layout: str) -> Tuple[int, ...]:
+    """The shape `to_layout` gives an array of `shape`, computed without any array: a conversion
+    checks every planned shape against the config before it reads or allocates anything."""
+    shape = tuple(shape)
+    if layout == "T":
+        return shape[::-1] if len(shape) == 2 else shape
+    if layout == "qkv":
+        return (_product(shape[1:]), shape[0]) if len(shape) == 3 else (_product(shape),)
+    if layout == "out" and shape:
+        return (shape[-1], _product(shape[:-1]))
+    return shape
+
+
+def _product(dims: Tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
 def transpose(matrix: np.ndarray, rows: int = 64) -> np.ndarray:
     """A contiguous transpose, copied in row blocks: ~3x faster than np.ascontiguousarray(m.T),
     whose column-order reads miss the cache on BERT-sized matrices."""
@@ -241,6 +261,22 @@ def canonical_from_mge(names: Iterable[str]) -> Plan:
     return plan
 
 
+def canonical_from_torch(names: Iterable[str]) -> Plan:
+    """A bert_port/HF/pytorch_pretrained_bert state dict: with or without `bert.`, old gamma/beta
+    LayerNorm names; the tied decoder and position_ids are skipped."""
+    plan = Plan()
+    for name in names:
+        renamed = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
+        target = canonical_key(renamed)
+        if target in TIED_KEYS or name.endswith("position_ids"):
+            plan.skipped.append(name)
+        elif _apply(_TORCH_TO_TF, target) is None:
+            plan.unknown.append(name)
+        else:
+            plan.renames[name] = (target, "")
+    return plan
+
+
 def mge_from_canonical(names: Iterable[str]) -> Plan:
     """canonical -> MegEngine Models keys: hub form (no prefix) unless there is a classifier."""
     names = list(names)
@@ -271,6 +307,17 @@ def canonical_shapes(config, architecture: str, num_labels: int = 2) -> Dict[str
         for i in range(config.num_hidden_layers) if "{i}" in name else (None,):
             shapes[name if i is None else name.replace("{i}", str(i))] = dims
     return shapes
+
+
+def shape_mismatches(shapes: Dict[str, Tuple[int, ...]], config) -> List[str]:
+    """Checkpoint tensors (any of our namings) whose shape differs from what `config` implies, as
+    'name: checkpoint (..) vs config (..)'. Heads whose size the config does not fix (a classifier's
+    labels) are left to the model. Used before a model is built, from the file's header alone."""
+    expected = {**canonical_shapes(config, "BertForPreTraining"), **canonical_shapes(config, "BertForQuestionAnswering")}
+    plan = canonical_from_torch(shapes)
+    return [f"{name}: checkpoint {tuple(shapes[name])} vs model {expected[target]}"
+            for name, (target, _) in plan.renames.items()
+            if target in expected and tuple(shapes[name]) != expected[target]]
 
 
 def architecture_of(canonical_names: Iterable[str]) -> str:

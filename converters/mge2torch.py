@@ -4,17 +4,19 @@ Converts MegEngine hub weights (bert_<hash>_<name>.pkl) or a MegEngine Models cl
 directory that bert_port and HF transformers load. Needs no MegEngine: the pickle is read by a
 restricted unpickler that accepts only numpy arrays and MegEngine tensors.
 """
+from typing import Any
+
 from converters import cli
-from converters.convert import mge_to_torch
+from converters.convert import ConvertOptions, convert_file
 
 
-def convert(src, config, out_dir, *, vocab=None, gelu="tanh", fmt="safetensors", force=False) -> dict:
-    """Library entry point (used by bert_port.hub); raises ConversionError on bad input."""
-    return mge_to_torch(src, config, out_dir, vocab=vocab, gelu=gelu, fmt=fmt, force=force)
+def convert(src, config, out_dir, **options: Any) -> dict:
+    """Library entry point (kept for scripts); new code calls `convert_file("megengine", src, ConvertOptions(...))`."""
+    return convert_file("megengine", src, ConvertOptions(config, out_dir, **options))
 
 
 if __name__ == "__main__":
     p = cli.parser("python -m converters.mge2torch", __doc__.split("\n\n")[1])
     p.add_argument("src", help="MegEngine .pkl (state dict of BertModel or BertForSequenceClassification)")
     cli.add_import_arguments(p)
-    cli.main(p, lambda a: convert(a.src, a.config, a.out, vocab=a.vocab, gelu=a.gelu, fmt=a.fmt, force=a.force))
+    cli.main(p, lambda a: convert_file("megengine", a.src, cli.options(a)))

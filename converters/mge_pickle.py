@@ -16,15 +16,16 @@ from __future__ import annotations
 import collections
 import contextvars
 import os
-import pickle
-import struct
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import numpy as np
 
+from converters._pickle import (MAX_DICT_ITEMS, MAX_OPCODES, Frozen, Function, RestrictedUnpickler,  # noqa: F401
+                                codecs_encode, empty_bytes, ordered_dict, run_unpickler, shown)
 from converters.atomic import atomic_path
-from converters.files import open_regular
 from converters.errors import ConversionError, MalformedInput
+from converters.files import open_regular
+from converters.reader import Budget, ReaderBase, check_tensor_count
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -32,30 +33,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 _DTYPE_CODES = frozenset({"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"})
 _MAX_NDIM = 32
 _MAX_DIM = 1 << 40  # per dimension; a dimension above the file's size is impossible anyway
-MAX_OPCODES = 1_000_000  # BERT-large needs ~15k; 1M bounds a crafted file to ~70 MB of objects
-MAX_DICT_ITEMS = 1 << 14  # entries per dict: a BERT-large state dict (with optimizer state) has ~1.2k
-MAX_KEY_CHARS = 1024  # dict keys: BERT's longest state-dict name is ~60 characters
 MAX_FILE_BYTES = 1 << 36  # 64 GiB: sanity cap (BERT-large is 1.3 GB); memory is bounded by the budget below
 
 
-def shown(text: object, limit: int = 100) -> str:
-    """A name or key from a file, safe to print: quoted, cut short, escapes spelled out (ascii())."""
-    if type(text) is str and len(text) > limit:
-        return ascii(text[:limit]) + "..."
-    return ascii(text) if type(text) is str else type(text).__name__
-
-
-class _Budget:
-    """Bytes the arrays of one load may still claim: each materialised array counts in full, so
-    one buffer shared through the memo by many arrays cannot multiply the memory it costs."""
-
-    __slots__ = ("left",)
-
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-
-_BUDGET: "contextvars.ContextVar[_Budget | None]" = contextvars.ContextVar("mge_array_budget", default=None)
+# the budget of the load in progress (arrays are built inside pickle callbacks, which take no extra argument)
+_BUDGET: "contextvars.ContextVar[Budget | None]" = contextvars.ContextVar("mge_array_budget", default=None)
 
 
 def _shape(value: Any) -> "tuple[int, ...]":
@@ -115,45 +97,18 @@ def _from_bytes(raw: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
     if order not in ("C", "F"):
         raise MalformedInput("invalid array memory order")
     budget = _BUDGET.get()
-    if budget is not None:
-        budget.left -= need
-        if budget.left < 0:
-            raise MalformedInput("its arrays hold more bytes than the file (one buffer shared by several arrays?)")
+    if budget is not None:  # every materialised array counts in full: one buffer shared by many costs each
+        budget.charge_bytes(need, "its arrays")
     return np.frombuffer(raw, dtype=dt).reshape(shape, order=order)
 
 
-class _Frozen:
-    """Base of the stand-in objects handed to the pickle machinery: BUILD on them is refused.
-
-    Without this a BUILD opcode on a global (say `_reconstruct`) would set attributes on it that
-    outlive this load, e.g. a function's __defaults__.
-    """
-
-    __slots__ = ()
-
-    def __setstate__(self, state: Any) -> None:
-        raise MalformedInput("BUILD on a global is not allowed")
-
-
-class _NDArrayClass(_Frozen):
+class _NDArrayClass(Frozen):
     """Stand-in for the `numpy.ndarray` global: only accepted as _reconstruct's first argument."""
 
     __slots__ = ()
 
 
 _NDARRAY = _NDArrayClass()
-
-
-class _Function(_Frozen):
-    """An allowed global that is called (REDUCE) with positional arguments only."""
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Any) -> None:
-        self._fn = fn
-
-    def __call__(self, *args: Any) -> Any:
-        return self._fn(*args)
 
 
 class _ArrayState:
@@ -185,46 +140,6 @@ def _frombuffer(raw: Any, dtype: Any, shape: Any, order: Any) -> _ArrayState:
 
 def _scalar(dtype: Any, raw: Any = None) -> Any:
     return _from_bytes(raw, dtype, (), "C").item()
-
-
-def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    """Protocols 0-2 spell bytes as _codecs.encode(str, 'latin1'); nothing else is allowed."""
-    if type(text) is not str or encoding not in ("latin1", "latin-1"):
-        raise MalformedInput("_codecs.encode is only allowed as encode(str, 'latin1')")
-    return text.encode("latin-1")
-
-
-def _check_key(target: Any, key: Any) -> None:
-    """Before a dict insertion: int/tuple/float keys hash predictably (1 + i*(2**61-1) all collide,
-    making insertion quadratic), str keys use the per-process random hash, so only str is allowed."""
-    if type(target) not in (dict, collections.OrderedDict):
-        raise MalformedInput(f"SETITEM on a {type(target).__name__} (only dicts take items)")
-    if type(key) is not str:
-        raise MalformedInput(f"state-dict key of type {type(key).__name__} (expected str: a weight file's dicts have str keys only)")
-    if len(key) > MAX_KEY_CHARS:
-        raise MalformedInput(f"dict key of {len(key)} characters (limit {MAX_KEY_CHARS})")
-    if len(target) >= MAX_DICT_ITEMS and key not in target:
-        raise MalformedInput(f"a dict with more than {MAX_DICT_ITEMS} entries")
-
-
-def _ordered_dict(*args: Any) -> "collections.OrderedDict[str, Any]":
-    """OrderedDict() (Python 3's pickles), or OrderedDict([[key, value], ...]) (Python 2's)."""
-    d: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
-    if len(args) > 1 or (args and type(args[0]) not in (list, tuple)):
-        raise MalformedInput("OrderedDict(...) takes only a list of (key, value) pairs")
-    for pair in args[0] if args else ():
-        if type(pair) not in (list, tuple) or len(pair) != 2:
-            raise MalformedInput("OrderedDict(...) takes only a list of (key, value) pairs")
-        _check_key(d, pair[0])
-        d[pair[0]] = pair[1]
-    return d
-
-
-def _empty_bytes(*args: Any) -> bytes:
-    """Protocols 0-2 spell b'' (an empty array's data) as bytes(); bytes(n) would allocate n."""
-    if args:
-        raise MalformedInput("bytes(...) with arguments is not allowed")
-    return b""
 
 
 class _MgeTensor:
@@ -260,17 +175,17 @@ _TENSOR_STATE_KEYS = frozenset({"data", "device", "dtype", "qdict", "qparams", "
 
 def _allowed_globals() -> "dict[tuple[str, str], Any]":
     names: "dict[tuple[str, str], Any]" = {
-        ("collections", "OrderedDict"): _Function(_ordered_dict),
-        ("_codecs", "encode"): _Function(_codecs_encode),
-        ("__builtin__", "bytes"): _Function(_empty_bytes),
-        ("builtins", "bytes"): _Function(_empty_bytes),
+        ("collections", "OrderedDict"): Function(ordered_dict),
+        ("_codecs", "encode"): Function(codecs_encode),
+        ("__builtin__", "bytes"): Function(empty_bytes),
+        ("builtins", "bytes"): Function(empty_bytes),
         ("numpy", "ndarray"): _NDARRAY,
-        ("numpy", "dtype"): _Function(_make_dtype),
+        ("numpy", "dtype"): Function(_make_dtype),
     }
     for core in ("numpy.core", "numpy._core"):  # numpy 1.x writes numpy.core, numpy 2 numpy._core
-        names[(core + ".multiarray", "_reconstruct")] = _Function(_reconstruct)
-        names[(core + ".multiarray", "scalar")] = _Function(_scalar)
-        names[(core + ".numeric", "_frombuffer")] = _Function(_frombuffer)
+        names[(core + ".multiarray", "_reconstruct")] = Function(_reconstruct)
+        names[(core + ".multiarray", "scalar")] = Function(_scalar)
+        names[(core + ".numeric", "_frombuffer")] = Function(_frombuffer)
     for module, name in (("megengine.tensor", "Parameter"), ("megengine.tensor", "Tensor"),
                          ("megengine.tensor", "Buffer"), ("megengine.core.tensor", "Tensor"),
                          ("megengine.core.tensor_nn", "Parameter"), ("megengine.core.tensor_nn", "Buffer")):
@@ -278,112 +193,10 @@ def _allowed_globals() -> "dict[tuple[str, str], Any]":
     return names
 
 
-_ALLOWED = _allowed_globals()
-
-
-class _BoundedFile:
-    """read(n) never asks the OS for more than the file still holds: a length field claiming
-    10**12 bytes fails at once as a truncated file instead of reserving memory."""
-
-    def __init__(self, f: Any, size: int) -> None:
-        self._f, self._left = f, size
-
-    def read(self, n: int = -1) -> bytes:
-        if n < 0 or n > self._left:
-            if n == 1 and self._left == 0:
-                return b""  # the unpickler turns this into EOFError ("ran out of input")
-            raise MalformedInput(f"truncated pickle: an opcode needs {n} bytes, only {self._left} are left")
-        data = self._f.read(n)
-        self._left -= len(data)
-        return data
-
-    def readline(self) -> bytes:
-        line = self._f.readline()
-        self._left -= len(line)
-        return line
-
-
-def _counted(op: Any) -> Any:
-    def run(self: "_RestrictedUnpickler") -> None:
-        self._ops += 1
-        if self._ops > MAX_OPCODES:
-            raise MalformedInput(f"more than {MAX_OPCODES} pickle opcodes (a weight file needs a few per tensor)")
-        op(self)
-    return run
-
-
-def _load_setitem(self: "_RestrictedUnpickler") -> None:
-    value, key = self.stack.pop(), self.stack.pop()
-    _check_key(self.stack[-1], key)
-    self.stack[-1][key] = value
-
-
-def _load_setitems(self: "_RestrictedUnpickler") -> None:
-    items = self.pop_mark()
-    target = self.stack[-1]
-    if len(items) % 2:
-        raise MalformedInput("SETITEMS with an odd number of stack items")
-    for i in range(0, len(items), 2):
-        _check_key(target, items[i])
-        target[items[i]] = items[i + 1]
-
-
-def _load_dict(self: "_RestrictedUnpickler") -> None:
-    items = self.pop_mark()
-    if len(items) % 2:
-        raise MalformedInput("DICT with an odd number of stack items")
-    d: "dict[str, Any]" = {}
-    self.append(d)
-    for i in range(0, len(items), 2):
-        _check_key(d, items[i])
-        d[items[i]] = items[i + 1]
-
-
-def _no_sets(self: "_RestrictedUnpickler") -> None:
-    raise MalformedInput("sets are not allowed in a weight file (their items would hash predictably)")
-
-
-def _load_bytearray8(self: "_RestrictedUnpickler") -> None:
-    # the stock loader allocates (and zero-fills) the claimed size before reading anything
-    (n,) = struct.unpack("<Q", self.read(8))
-    if n > self._size:
-        raise MalformedInput(f"truncated pickle: BYTEARRAY8 claims {n} bytes, the file has {self._size}")
-    buf = bytearray(n)
-    self.readinto(buf)
-    self.append(buf)
-
-
-class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
-    """The pure-Python unpickler, restricted.
-
-    Not the C one: its memo is an array that a 9-byte pickle (LONG_BINPUT 2**31) resizes to
-    16 GiB and zero-fills. Here the memo is a dict, every opcode is counted, and BYTEARRAY8
-    checks its length first. Speed is no issue: a weight file has a few dozen opcodes per tensor.
-    """
-
-    dispatch = {code: _counted(op) for code, op in pickle._Unpickler.dispatch.items()}  # type: ignore[attr-defined]
-    dispatch[pickle.BYTEARRAY8[0]] = _counted(_load_bytearray8)
-    dispatch[pickle.SETITEM[0]] = _counted(_load_setitem)
-    dispatch[pickle.SETITEMS[0]] = _counted(_load_setitems)
-    dispatch[pickle.DICT[0]] = _counted(_load_dict)
-    for _op in (pickle.EMPTY_SET, pickle.ADDITEMS, pickle.FROZENSET):
-        dispatch[_op[0]] = _counted(_no_sets)
-
-    def __init__(self, f: Any, size: int, path: str) -> None:
-        super().__init__(_BoundedFile(f, size))
-        self._size, self._path, self._ops = size, path, 0
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return _ALLOWED[(module, name)]
-        except (KeyError, TypeError):
-            what = ascii(f"{module[:100]}.{name[:100]}")
-            raise ConversionError(
-                f"{self._path}: refusing to load global {what} "
-                "(only numpy arrays and MegEngine tensors are allowed)") from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise ConversionError(f"{self._path}: persistent ids are not allowed in a MegEngine pickle")
+class _MgeUnpickler(RestrictedUnpickler):
+    allowed = _allowed_globals()
+    kind = "MegEngine pickle"
+    allowed_text = "numpy arrays and MegEngine tensors"
 
 
 def _as_array(value: Any) -> "np.ndarray | None":
@@ -399,31 +212,21 @@ def load_mge_pickle(path: PathLike) -> Dict[str, np.ndarray]:
 
     Raises ConversionError (naming the file) for a missing/truncated/non-pickle/non-regular file,
     any global outside the allow-list, malformed array data, arrays that together claim more bytes
-    than the file holds, or content that is not a dict of str -> array.
+    than the file holds, or content that is not a dict of str -> array. Names whose pickle refers
+    to one array object (the memo) share one array, as they shared one object in the file.
     """
     where = os.fspath(path)
     token = _BUDGET.set(None)
     try:
         with open_regular(where, MAX_FILE_BYTES, "MegEngine pickle") as f:
             size = os.fstat(f.fileno()).st_size
-            _BUDGET.set(_Budget(size))
-            obj = _RestrictedUnpickler(f, size, where).load()
+            _BUDGET.set(Budget(size, records=MAX_OPCODES))  # arrays: at most the file's bytes
+            obj = run_unpickler(_MgeUnpickler(f, size, where), where)
         return _validate(obj, where)
-    except ConversionError:
-        raise
     except OSError as e:
         raise ConversionError(f"{where}: cannot read MegEngine pickle ({e.strerror or e})") from e
     except MalformedInput as e:
         raise ConversionError(f"{where}: {e}") from e
-    except RecursionError as e:
-        raise ConversionError(f"{where}: not a MegEngine pickle (nested too deeply)") from e
-    except MemoryError as e:
-        raise ConversionError(f"{where}: not a MegEngine pickle (it needs more memory than is available)") from e
-    except EOFError as e:
-        raise ConversionError(f"{where}: truncated or empty pickle (no STOP opcode)") from e
-    except Exception as e:  # UnpicklingError, KeyError, struct.error, ... from malformed data
-        detail = ascii(str(e)[:200])[1:-1]  # may quote file bytes: escapes spelled out
-        raise ConversionError(f"{where}: not a readable MegEngine pickle ({type(e).__name__}: {detail})") from e
     finally:
         _BUDGET.reset(token)
 
@@ -431,19 +234,62 @@ def load_mge_pickle(path: PathLike) -> Dict[str, np.ndarray]:
 def _validate(obj: Any, where: str) -> Dict[str, np.ndarray]:
     if type(obj) not in (dict, collections.OrderedDict):
         raise ConversionError(f"{where}: expected a dict of name -> array, got {type(obj).__name__}")
+    check_tensor_count(len(obj))
     result: Dict[str, np.ndarray] = {}
+    private: Dict[int, np.ndarray] = {}  # id(array from the pickle) -> its one native copy
     for key, value in dict.items(obj):
         if type(key) is not str:
             raise ConversionError(f"{where}: state-dict key of type {type(key).__name__} (expected str)")
         array = _as_array(value)
         if array is None:
             raise ConversionError(f"{where}: value of {shown(key, 200)} is {type(value).__name__}, not an array")
-        native = array.dtype.newbyteorder("=")
-        if not array.flags.writeable or not array.flags.c_contiguous or array.dtype != native:
-            # at most the file's size in total: _from_bytes charged every array to the budget
-            array = np.array(array, dtype=native, order="C", copy=True)
-        result[key] = array
+        if id(array) not in private:  # one copy per array object, never one per reference to it
+            native = array.dtype.newbyteorder("=")
+            if not array.flags.writeable or not array.flags.c_contiguous or array.dtype != native:
+                # at most the file's size in total: _from_bytes charged every array to the budget
+                array = np.array(array, dtype=native, order="C", copy=True)
+            private[id(_as_array(value))] = array
+        result[key] = private[id(_as_array(value))]
     return result
+
+
+class MgePickleReader(ReaderBase):
+    """A MegEngine pickle behind the CheckpointReader interface (converters.reader).
+
+    A pickle has no index: it is parsed once, whole, when the reader opens (its arrays are bounded
+    by the file's size); `read` then hands out a copy of one array.
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        self.source = os.fspath(path)
+        self._arrays: "Dict[str, np.ndarray] | None" = load_mge_pickle(path)
+        self._budget = Budget.for_input(sum(a.nbytes for a in {id(a): a for a in self._arrays.values()}.values()))
+
+    def _get(self, name: str) -> np.ndarray:
+        if self._arrays is None:
+            raise ConversionError(f"{self.source}: reader is closed")
+        try:
+            return self._arrays[name]
+        except KeyError:
+            raise ConversionError(f"{self.source}: no tensor named {shown(name, 200)}") from None
+
+    def names(self) -> List[str]:
+        return list(self._arrays or ())
+
+    def shape_dtype(self, name: str) -> Tuple[Tuple[int, ...], str]:
+        array = self._get(name)
+        return tuple(array.shape), array.dtype.name
+
+    def read(self, name: str) -> np.ndarray:
+        array = self._get(name)
+        try:  # each copy handed out is charged: reading one name a million times is refused
+            self._budget.charge_bytes(array.nbytes, f"tensor {shown(name, 200)}")
+        except MalformedInput as e:
+            raise ConversionError(f"{self.source}: {e}") from e
+        return array.copy()
+
+    def close(self) -> None:
+        self._arrays = None
 
 
 # ------------------------------------------------------------------------------------------ writing

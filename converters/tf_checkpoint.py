@@ -36,6 +36,7 @@ from converters import _tf_proto as proto
 from converters._leveldb_table import build_table, crc32c, mask_crc, put_varint, read_table, read_varint
 from converters.errors import ConversionError, MalformedInput
 from converters.files import check_regular, open_regular
+from converters.reader import MAX_TENSORS, Budget, ReaderBase
 
 __all__ = ["TFCheckpointReader", "load_tf_checkpoint", "list_variables", "write_tf_checkpoint"]
 
@@ -56,7 +57,7 @@ _CODE_BY_KIND = {(dt.kind, dt.itemsize): code for code, (_, dt) in _DTYPES.items
                  if code not in (DT_STRING, DT_BFLOAT16)}
 _TENSOR_BUNDLE_VERSION = 1  # kTensorBundleVersion: consumers older than this are refused
 _MAX_RANK = proto.MAX_RANK
-MAX_INDEX_BYTES = 64 << 20  # BERT-large with Adam slots: ~40 KB; 64 MiB is ~1M variables
+MAX_INDEX_BYTES = 64 << 20  # BERT-large with Adam slots: ~40 KB; entries are capped at reader.MAX_TENSORS
 MAX_STRING_ELEMENTS = 1 << 12
 _SHOWN_NAME = 200  # characters of a tensor name in messages
 _CHUNK = 16 << 20  # crc and write granularity; keeps temporary copies small
@@ -100,11 +101,13 @@ class _Info:
     sliced: bool
 
 
-class TFCheckpointReader:
-    """Lazy reader: `.keys()`, `.shape_dtype(name)`, `.get(name)`; opening validates the index."""
+class TFCheckpointReader(ReaderBase):
+    """Lazy reader (a converters.reader.CheckpointReader): `names()`/`keys()`, `shape_dtype(name)`,
+    `read(name)`/`get(name)`; opening validates the index. Shards are opened per read, so `close`
+    has nothing to release."""
 
     def __init__(self, prefix: str | os.PathLike) -> None:
-        self.prefix = os.fspath(prefix)
+        self.prefix = self.source = os.fspath(prefix)
         self.index_path = self.prefix + ".index"
         try:
             with open_regular(self.index_path, MAX_INDEX_BYTES, "TF checkpoint index") as f:
@@ -117,7 +120,7 @@ class TFCheckpointReader:
         if len(data) > MAX_INDEX_BYTES:
             raise ConversionError(f"{self.index_path}: grew past {MAX_INDEX_BYTES} bytes while being read")
         try:
-            items = read_table(data)
+            items = read_table(data, MAX_TENSORS + 1)  # + the header entry; charged per record
             if not items or items[0][0] != b"":
                 raise MalformedInput("no header entry (empty key) in the index")
             header = proto.parse_header(items[0][1], consumers=(_TENSOR_BUNDLE_VERSION,))
@@ -130,7 +133,7 @@ class TFCheckpointReader:
                            for key, info in infos if not key.startswith(b"\x00")}
         except MalformedInput as e:
             raise self._error(str(e)) from e
-        self._check_shards()
+        self._budget = Budget.for_input(len(data) + self._check_shards())
 
     # ------------------------------------------------------------ validation
     def _error(self, msg: str, path: str | None = None) -> ConversionError:
@@ -178,7 +181,8 @@ class TFCheckpointReader:
                               f"{_fmt_shape(e.shape)} ({count} x {label})")
         return _Info(e.dtype, e.shape, e.shard_id, e.offset, e.size, e.crc32c or 0, e.num_slices > 0)
 
-    def _check_shards(self) -> None:
+    def _check_shards(self) -> int:
+        """Every entry inside its shard; returns the shards' total size (what the budget derives from)."""
         sizes: dict[int, int] = {}
         for name, info in self._infos.items():
             if info.sliced:
@@ -196,11 +200,14 @@ class TFCheckpointReader:
             if info.offset + info.size > sizes[info.shard]:
                 raise self._error(f"tensor {_shown(name)} (offset {info.offset}, size {info.size}) extends beyond "
                                   f"the end of the {sizes[info.shard]}-byte shard; file truncated?", path)
+        return sum(sizes.values())
 
     # ------------------------------------------------------------ public API
     def keys(self) -> list[str]:
         """Tensor names in the index's (bytewise) order, header excluded."""
         return list(self._infos)
+
+    names = keys
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._infos)
@@ -226,6 +233,10 @@ class TFCheckpointReader:
         """The entry's bytes as a private uint8 array, read with pread (never a memmap) and checked
         against its crc32c. Opened anew for each tensor: O_NONBLOCK plus a regular-file check on
         the descriptor, so a shard swapped for a FIFO since `__init__` cannot block us."""
+        try:  # entries may overlap (one region named 65k times): every read is charged, bounding the work
+            self._budget.charge_bytes(info.size, f"tensor {_shown(name)}")
+        except MalformedInput as e:
+            raise self._error(str(e)) from e
         out = np.empty(info.size, np.uint8)
         crc = pos = 0
         try:
@@ -261,6 +272,12 @@ class TFCheckpointReader:
         if info.dtype == DT_BFLOAT16 and widen_bfloat16:
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr
+
+    def read(self, name: str) -> np.ndarray:
+        """The CheckpointReader read: `get` with bfloat16 widened; a string tensor is refused."""
+        if self._info(name).dtype == DT_STRING:
+            raise self._error(f"tensor {_shown(name)} holds strings, not numbers")
+        return self.get(name)
 
     def _strings(self, name: str, info: _Info, buf: bytes, path: str) -> Tensor:
         # layout: varint64 len[n] | u32 masked crc of lens (each as u32, or u64 if > 2**32-1) | bytes

@@ -103,6 +103,20 @@ def open_weights(path: PathLike) -> Mapping[str, "torch.Tensor"]:
     return load_weights(path)
 
 
+def _mmap_safe(path: Path) -> bool:
+    """Whether torch.load may map `path` (zero-copy): only a zip whose every record is stored.
+
+    torch's mmap path takes each record's bytes at their offset in the file; a zip re-packed with
+    deflated records (which `torch.load` without mmap reads correctly) would hand back the
+    compressed bytes as numbers. Legacy (non-zip) files are read, never mapped.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            return all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
 def load_weights(path: PathLike) -> Dict[str, "torch.Tensor"]:
     """Load a safetensors file or a PyTorch state dict (only with `weights_only=True`), by content.
 
@@ -118,8 +132,7 @@ def load_weights(path: PathLike) -> Dict[str, "torch.Tensor"]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        # mmap (zero-copy, copy-on-write) needs the zip format of torch >= 1.6; older files are read.
-        state_dict = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        state_dict = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_mmap_safe(path))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such weights file") from None
     except Exception as e:  # safetensors, zipfile and the weights-only unpickler raise many types

@@ -328,9 +328,9 @@ def _child(argv: List[str]) -> int:
     if args.hang_after_convert:
         # Test instrument, not a stand-in: the real converter runs, then this process waits to be
         # SIGKILLed while the converted files exist only in the staging dir.
-        import converters.mge2torch as mge2torch
+        import converters.convert as library
 
-        real = mge2torch.convert
+        real = library.convert_file
 
         def convert_then_hang(*a, **kw):
             result = real(*a, **kw)
@@ -338,7 +338,7 @@ def _child(argv: List[str]) -> int:
             time.sleep(120)
             return result
 
-        mge2torch.convert = convert_then_hang
+        library.convert_file = convert_then_hang
     try:
         outputs = run_model(args.name)
     except (OSError, ValueError) as e:

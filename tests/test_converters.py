@@ -288,3 +288,116 @@ def test_public_readers():
     tf = converters.load_tf_checkpoint(TF / "tf1/bert_model.ckpt")
     assert tf["cls/seq_relationship/output_weights"].shape == (2, 24) and "global_step" in tf
     assert issubclass(converters.ConversionError, ValueError)
+
+
+# ------------------------------------------------------------------ one options value, one conversion
+def test_options_are_one_frozen_value_checked_when_made(tmp_path):
+    import dataclasses
+
+    from converters import ConversionError
+    from converters.convert import ConvertOptions
+
+    options = ConvertOptions(MGE / "bert_config.json", tmp_path / "out")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.force = True
+    with pytest.raises(ConversionError, match="--gelu must be one of"):
+        ConvertOptions(MGE / "bert_config.json", tmp_path / "out", gelu="swish")
+    with pytest.raises(ConversionError, match="--format must be"):
+        ConvertOptions(MGE / "bert_config.json", tmp_path / "out", fmt="onnx")
+
+
+def test_labels_reach_the_config_default_label_i(tmp_path):
+    from converters.convert import ConvertOptions, convert_file
+
+    convert_file("megengine", MGE / "cls_bert.pkl", ConvertOptions(MGE / "bert_config.json", tmp_path / "a"))
+    assert json.loads((tmp_path / "a/config.json").read_text())["id2label"] == {"0": "LABEL_0", "1": "LABEL_1",
+                                                                              "2": "LABEL_2"}
+    r = run_cli("converters.mge2torch", MGE / "cls_bert.pkl", "--config", MGE / "bert_config.json",
+                "--out", tmp_path / "b", "--labels", "neg,neutral,pos")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "b/config.json").read_text())
+    assert config["id2label"]["2"] == "pos" and config["label2id"]["neutral"] == 1
+    r = run_cli("converters.mge2torch", MGE / "cls_bert.pkl", "--config", MGE / "bert_config.json",
+                "--out", tmp_path / "c", "--labels", "neg,pos")
+    assert r.returncode == 1 and "2 labels given for a classifier of 3 classes" in r.stderr
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("variant", ["legacy", "deflated"])
+def test_a_torch_source_converts_through_the_same_function(tmp_path, variant):
+    """A third source format through convert_file: the output holds what torch.load reads."""
+    import io
+    import zipfile
+
+    from converters.convert import ConvertOptions, convert_file
+
+    mge_to_torch(MGE / "cls_bert.pkl", MGE / "bert_config.json", tmp_path / "a", fmt="pytorch")
+    src = tmp_path / "a/pytorch_model.bin"
+    state = torch.load(src, weights_only=True)
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in state.items()}  # pytorch_pretrained_bert's old names
+    torch.save(renamed, src, _use_new_zipfile_serialization=variant != "legacy")
+    if variant == "deflated":
+        with zipfile.ZipFile(io.BytesIO(src.read_bytes())) as zi, zipfile.ZipFile(src, "w", zipfile.ZIP_DEFLATED) as zo:
+            for info in zi.infolist():
+                zo.writestr(info.filename, zi.read(info))
+    summary = convert_file("torch", src, ConvertOptions(MGE / "bert_config.json", tmp_path / "b"))
+    assert summary["architecture"] == "BertForSequenceClassification" and not summary["unknown"]
+    out = bp.io.load_weights(tmp_path / "b/model.safetensors")
+    assert sorted(out) == sorted(state)
+    for key, value in state.items():
+        assert torch.equal(out[key], value), key
+
+
+class NpzReader:
+    """A source format written for this test in a dozen lines: what ARCHITECTURE.md promises."""
+
+    def __init__(self, path):
+        self.source, self._arrays = str(path), dict(np.load(path))
+
+    def names(self):
+        return list(self._arrays)
+
+    def shape_dtype(self, name):
+        return self._arrays[name].shape, self._arrays[name].dtype.name
+
+    def read(self, name):
+        return self._arrays[name].copy()
+
+    def close(self):
+        self._arrays = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_a_new_source_format_is_a_reader_a_plan_and_one_row(tmp_path, monkeypatch):
+    from converters import convert as library
+    from converters import mapping
+    from converters.mge_pickle import load_mge_pickle
+    from converters.reader import CheckpointReader
+
+    arrays = load_mge_pickle(MGE / "hub_bert.pkl")
+    np.savez(tmp_path / "hub.npz", **arrays)
+    assert isinstance(NpzReader(tmp_path / "hub.npz"), CheckpointReader)
+    monkeypatch.setitem(library.SOURCES, "npz", ("tests.test_converters:NpzReader",
+                                                 lambda names, config: mapping.canonical_from_mge(names)))
+    library.convert_file("npz", tmp_path / "hub.npz", library.ConvertOptions(MGE / "bert_config.json", tmp_path / "a"))
+    mge_to_torch(MGE / "hub_bert.pkl", MGE / "bert_config.json", tmp_path / "b")
+    a = bp.io.load_weights(tmp_path / "a/model.safetensors")
+    b = bp.io.load_weights(tmp_path / "b/model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_vocab_longer_than_the_embedding_is_refused(tmp_path):
+    config = json.loads((MGE / "bert_config.json").read_text())
+    (tmp_path / "vocab.txt").write_text("".join(f"t{i}\n" for i in range(config["vocab_size"] + 1)))
+    r = run_cli("converters.mge2torch", MGE / "hub_bert.pkl", "--config", MGE / "bert_config.json",
+                "--vocab", tmp_path / "vocab.txt", "--out", tmp_path / "out")
+    assert r.returncode == 1 and f"more than the config's vocab_size {config['vocab_size']}" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "vocab.txt").write_text("".join(f"t{i}\n" for i in range(config["vocab_size"])))
+    mge_to_torch(MGE / "hub_bert.pkl", MGE / "bert_config.json", tmp_path / "ok", vocab=tmp_path / "vocab.txt")

@@ -109,7 +109,7 @@ def test_hostile_pytorch_model_bin_is_refused(tmp_path):
     _Boom.sentinel = tmp_path / "pwned"
     (tmp_path / "config.json").write_text(json.dumps(bp.BertConfig(**TINY).to_dict()))
     torch.save({"embeddings.word_embeddings.weight": _Boom()}, tmp_path / "pytorch_model.bin", pickle_module=pickle)
-    with pytest.raises(ValueError, match="pytorch_model.bin: cannot load weights"):
+    with pytest.raises(ValueError, match="pytorch_model.bin: (cannot load weights|refusing to load global)"):
         bp.BertModel.from_pretrained(tmp_path).eval()
     assert not _Boom.sentinel.exists()
 
@@ -170,3 +170,60 @@ def test_safetensors_weights_are_read_straight_into_the_parameters(tmp_path, tin
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(ValueError, match="model.safetensors"):
         bp.BertForPreTraining.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------ validate before allocate
+BIG = dict(vocab_size=1 << 20, hidden_size=2048, num_hidden_layers=2, num_attention_heads=16,
+           intermediate_size=4096)  # ~2.2e9 parameters: building the model would take ~9 GB
+
+
+def _limited_load(directory, **kwargs):
+    from tests.security.child import run_limited
+
+    return run_limited(f"BertModel.from_pretrained({str(directory)!r}, **{kwargs!r})",
+                       setup="from bert_port import BertModel", wall=20, as_extra=1 << 30)
+
+
+def test_a_big_config_without_weights_fails_before_the_model_is_built(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(BIG))
+    r = _limited_load(tmp_path)
+    assert r["error"] == "ValueError" and "no weights file found" in r["message"], r
+    assert r["peak_growth"] < 256 << 20, r["peak_growth"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "zip", "legacy", "tf"])
+def test_a_big_config_with_small_weights_fails_before_the_model_is_built(tmp_path, tiny, fmt):
+    if fmt == "safetensors":
+        tiny.save_pretrained(tmp_path)
+    elif fmt == "tf":
+        from converters.convert import torch_to_tf
+
+        tiny.save_pretrained(tmp_path / "src")
+        torch_to_tf(tmp_path / "src", tmp_path / "bert_model.ckpt")
+    else:
+        torch.save(tiny.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=fmt == "zip")
+    (tmp_path / "config.json").write_text(json.dumps(BIG))
+    r = _limited_load(tmp_path, **({"from_tf": True} if fmt == "tf" else {}))
+    assert r["error"] == "ValueError" and "shapes do not match the config" in r["message"], r
+    assert "checkpoint (32,) vs model (2048,)" in r["message"], r["message"]
+    assert r["peak_growth"] < 256 << 20, r["peak_growth"]
+
+
+@pytest.mark.parametrize("variant", ["legacy", "deflated"])
+def test_from_pretrained_reads_each_torch_variant_as_torch_load_does(tmp_path, tiny, variant):
+    import zipfile
+
+    scale_weights_(tiny)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(tiny.state_dict(), path, _use_new_zipfile_serialization=variant != "legacy")
+    if variant == "deflated":
+        data = path.read_bytes()
+        with zipfile.ZipFile(__import__("io").BytesIO(data)) as zi, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zo:
+            for info in zi.infolist():
+                zo.writestr(info.filename, zi.read(info))
+    (tmp_path / "config.json").write_text(json.dumps(tiny.config.to_dict()))
+    loaded = bp.BertForPreTraining.from_pretrained(tmp_path)
+    reference = torch.load(path, weights_only=True)
+    for name, value in loaded.state_dict().items():
+        if name in reference:
+            assert torch.equal(value, reference[name]), name

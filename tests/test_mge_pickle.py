@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from converters.errors import ConversionError
-from converters.mge_pickle import load_mge_pickle, save_mge_pickle
+from converters.mge_pickle import MgePickleReader, load_mge_pickle, save_mge_pickle
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MGE = ROOT / "tests" / "fixtures" / "mge"
@@ -391,3 +391,19 @@ def test_megengine_loads_what_we_save(tmp_path, recorded, model, source, num_lab
             # recorded by Models' model.py; check_mge_load runs the in-repo mirror of it unless
             # $BERT_PORT_MGE_MODELS_DIR names a Models checkout (the generator keeps them within 1e-6)
             np.testing.assert_allclose(got[key], want, rtol=0, atol=1e-6)
+
+
+def test_variants_megengine_writes_read_as_megengine_reads_them():
+    """Recorded: megengine.save of one array under two names (memo), a transposed array, a big-endian
+    array, one Parameter under two names, float16, int64 (tools/fixtures/make_mge_variants.py); the
+    oracle is megengine.load's own output, recorded beside it."""
+    folder = ROOT / "tests" / "fixtures" / "mge_variants"
+    ref = np.load(folder / "variants_ref.npz")
+    got = load_mge_pickle(folder / "variants.pkl")
+    assert sorted(got) == sorted(ref.files)
+    for key in ref.files:
+        assert got[key].dtype == ref[key].dtype.newbyteorder("=") and np.array_equal(got[key], ref[key]), key
+        assert got[key].flags.c_contiguous and got[key].flags.writeable
+    with MgePickleReader(folder / "variants.pkl") as reader:
+        assert reader.shape_dtype("t") == ((4, 3), "float32")
+        assert np.array_equal(reader.read("be"), ref["be"])

@@ -104,7 +104,28 @@ def test_one_buffer_shared_by_many_arrays(tmp_path):
     path.write_bytes(shared_buffer_pickle(1 * MiB, 1500))  # ~1.1 MB file; the old reader: 1.5 GB
     size = path.stat().st_size
     r = run_limited(f"load_mge_pickle({str(path)!r})", setup=MGE_SETUP, wall=10)
-    expect(r, "ConversionError", peak_mb=3 * size / MiB + 32, match="more bytes than the file")
+    expect(r, "ConversionError", peak_mb=3 * size / MiB + 32, match="more bytes than the input justifies")
+
+
+def shared_array_pickle(buffer_bytes: int, references: int) -> bytes:
+    """One array (memo 2) referenced by `references` keys through BINGET: one object, many names."""
+    n = buffer_bytes // 4
+    array = call(glob("numpy.core.numeric", "_frombuffer"), binbytes(b"\x01" * buffer_bytes), f4_dtype(),
+                 tup(integer(n)), text("C")) + b"q\x02"
+    body = text("a0") + array + b"".join(text(f"a{i}") + b"h\x02" for i in range(1, references))
+    return p4(glob("collections", "OrderedDict") + b")R(" + body + b"u")
+
+
+def test_one_array_referenced_many_times_is_one_array(tmp_path):
+    """1 MiB file, 1200 references to its one array: one copy (the old reader made 1200, 1.2 GB)."""
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(shared_array_pickle(1 * MiB, 1200))
+    size = path.stat().st_size
+    body = (f"d = load_mge_pickle({str(path)!r})\n"
+            "assert len(d) == 1200 and len({id(v) for v in d.values()}) == 1 and float(d['a7'][0]) != 0\n")
+    r = run_limited(body, setup=MGE_SETUP, wall=10)
+    assert r["error"] is None, r["message"][:500]
+    assert r["peak_growth"] < 3 * size + 32 * MiB, r["peak_growth"]
 
 
 def test_honest_arrays_fill_the_budget_exactly(tmp_path):
@@ -277,3 +298,36 @@ def test_fuzz_entry_field_sequences_parse_linearly(fields):
         assert "rank above" in str(err)
     else:
         assert len(e.shape) <= proto.MAX_RANK
+
+
+def test_millions_of_tiny_index_entries_are_counted_not_parsed(tmp_path):
+    """An index of 300k empty-tensor entries (~6 MB, under the byte cap): refused at the record cap
+    after a bounded amount of work (the old reader parsed all of them: seconds and hundreds of MB)."""
+    prefix = tmp_path / "many"
+    entry = proto.encode_entry(1, (0,), 0, 0, mask_crc(crc32c(b"")))
+    write_index(prefix, {f"v{i:07d}": entry for i in range(300_000)})
+    (tmp_path / "many.data-00000-of-00001").write_bytes(b"")
+    r = run_limited(f"load_tf_checkpoint({str(prefix)!r})", setup=TF_SETUP, wall=10)
+    expect(r, "ConversionError", peak_mb=96, match="more entries than the table may hold")
+    assert r["seconds"] < 3, r["seconds"]
+
+
+def test_millions_of_vocab_lines_are_capped(tmp_path):
+    """4 MB of one-character lines (under the 64 MiB cap): refused at the line cap, bounded."""
+    from converters.files import MAX_VOCAB_LINES
+
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(b"a\n" * (2 * MAX_VOCAB_LINES))
+    r = run_limited(f"load_vocab({str(path)!r})", setup="from bert_port.tokenization import load_vocab", wall=10)
+    expect(r, "ValueError", peak_mb=256, match=f"more than {MAX_VOCAB_LINES} lines")
+
+
+def test_many_index_entries_naming_one_region_are_charged_per_read(tmp_path):
+    """2000 entries all naming the same 1 MiB of the shard: 2 GB of reads from a 1 MiB file, refused."""
+    prefix = tmp_path / "overlap"
+    data = bytes(range(256)) * 4096
+    entry = proto.encode_entry(1, (len(data) // 4,), 0, len(data), mask_crc(crc32c(data)))
+    write_index(prefix, {f"v{i:05d}": entry for i in range(2000)})
+    (tmp_path / "overlap.data-00000-of-00001").write_bytes(data)
+    r = run_limited(f"load_tf_checkpoint({str(prefix)!r})", setup=TF_SETUP, wall=10)
+    expect(r, "ConversionError", peak_mb=160, match="more bytes than the input justifies")
