@@ -183,10 +183,10 @@ def attend_unpadded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Att
     if plan.path == "unpadded_loop":
         starts = layout.offsets.tolist()
         parts = [F.scaled_dot_product_attention(*(t[None, :, start:start + n] for t in (q, k, v)),
-                                                dropout_p=dropout_p)[0]  # 4-D: the fused CPU kernel
+                                                dropout_p=dropout_p)[0].transpose(0, 1)  # 4-D: the fused CPU kernel
                  for start, n in zip(starts, layout.lengths) if n]
-        ctx = torch.cat(parts, dim=1) if parts else q.new_zeros(A, 0, D)
-        return ctx.transpose(0, 1).reshape(T, A * D)
+        ctx = torch.cat(parts) if parts else q.new_zeros(0, A, D)  # (T, A, D): one copy, straight into place
+        return ctx.view(T, A * D)
     B, S = layout.batch, layout.seq_len
     padded = [layout.pad(t.transpose(0, 1).reshape(T, A * D)).view(B, S, A, D).transpose(1, 2) for t in (q, k, v)]
     keep = torch.zeros(B * S, dtype=torch.bool, device=q.device).index_fill_(0, layout.index, True)

@@ -32,7 +32,7 @@ def _padded_only(model: nn.Module, input_ids) -> None:
     """Heads whose outputs are per position of a padded grid (or per choice) take (B, S) input only."""
     if getattr(input_ids, "is_nested", False):
         raise ValueError(f"{type(model).__name__} takes (batch, seq_len) input_ids; jagged input is taken by "
-                         "BertModel, BertForTokenTagging, BertForSequenceClassification and BertForNextSentencePrediction")
+                         "BertModel, BertForTokenTagging, BertForSequenceClassification, BertForNextSentencePrediction")
 
 
 class BertPredictionHeadTransform(nn.Module):

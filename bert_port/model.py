@@ -258,7 +258,8 @@ class BertModel(BertPreTrainedModel):
         else:  # jagged: the T real tokens, positions restarting at 0 in each sequence
             types = None if token_type_ids is None else token_type_ids.values()
             x = self.embeddings(input_ids.values(), types, positions(layout.offsets))  # (T, H)
-        encoded = self.encoder(x, self.attention_plan(attention_mask, x, skip_padding, layout), output_all_encoded_layers)
+        plan = self.attention_plan(attention_mask, x, skip_padding, layout)
+        encoded = self.encoder(x, plan, output_all_encoded_layers)
         if layout is None:
             pooled = self.pooler(encoded[-1])
         else:
@@ -318,7 +319,7 @@ class BertModel(BertPreTrainedModel):
         if token_type_ids is not None and not (
                 getattr(token_type_ids, "layout", None) == torch.jagged and token_type_ids.dim() == 2
                 and token_type_ids._lengths is None and torch.equal(token_type_ids.offsets(), offsets)):
-            raise ValueError("token_type_ids must be a jagged nested tensor with the same sequence lengths as input_ids")
+            raise ValueError("token_type_ids must be a jagged nested tensor with input_ids' sequence lengths")
         layout = TokenLayout.from_offsets(offsets)
         if 0 in layout.lengths:
             raise ValueError(f"input_ids sequence {layout.lengths.index(0)} is empty; every sequence needs a token")

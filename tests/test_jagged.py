@@ -119,7 +119,8 @@ def test_training_with_dropout_runs_on_real_tokens_only(batch):
     torch.manual_seed(1)
     layers, pooled = ours.train()(split(ids, lengths))
     pooled.sum().backward()
-    assert torch.isfinite(layers[-1].values()).all() and layers[-1].values().shape == (sum(lengths), TINY["hidden_size"])
+    values = layers[-1].values()
+    assert torch.isfinite(values).all() and values.shape == (sum(lengths), TINY["hidden_size"])
     with torch.no_grad():
         assert (ours.eval()(split(ids, lengths))[1] - pooled).abs().max() > 1e-3  # dropout really drew
 
@@ -156,3 +157,33 @@ def test_labels_and_heads_that_take_padded_input_only(batch):
     _, mlm = pair("BertForMaskedLM")
     with pytest.raises(ValueError, match="BertForMaskedLM takes \\(batch, seq_len\\) input_ids"):
         mlm(split(ids, lengths))
+
+
+def test_next_sentence_prediction_takes_jagged_input(batch):
+    ids, types, mask, lengths = batch
+    theirs, ours = pair("BertForNextSentencePrediction")
+    with torch.no_grad():
+        ref, out = theirs(ids, types, mask), ours(split(ids, lengths), split(types, lengths))
+    assert (out - ref).abs().max() < TOL
+
+
+def test_readme_jagged_snippet_runs_and_matches_transformers(minilm_dir):
+    """The README's mixed-lengths block, on real MiniLM weights, against HF on the padded batch."""
+    import re
+
+    from tests.conftest import ROOT
+
+    transformers = pytest.importorskip("transformers")
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "layout=torch.jagged" in b]
+    scope = {}
+    exec(compile(block.replace('"bert-base-uncased"', repr(str(minilm_dir))), "README.md", "exec"), scope)
+    lengths = [len(i) for i in scope["ids"]]
+    assert [len(t) for t in scope["tags"]] == lengths and len(set(lengths)) == len(lengths)
+    input_ids = torch.nn.utils.rnn.pad_sequence(scope["ids"], batch_first=True)
+    mask = (torch.arange(input_ids.shape[1]) < torch.tensor(lengths)[:, None]).long()
+    with torch.no_grad():
+        hidden = transformers.BertModel.from_pretrained(minilm_dir).eval()(
+            input_ids=input_ids, attention_mask=mask).last_hidden_state
+    ref = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert (scope["embeddings"] - ref).abs().max() < TOL
