@@ -26,6 +26,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # Devices where unpadded attention loops over the sequences; elsewhere it is one masked launch.
 PER_SEQUENCE_DEVICES = ("cpu",)
@@ -119,16 +120,21 @@ class AttentionPlan:
         return self.layout is not None
 
 
-def as_plan(attention_mask, dropout_active: bool) -> AttentionPlan:
+def dropout_active(module: nn.Module) -> bool:
+    """Will any dropout inside `module` draw random numbers in this forward?"""
+    return any(m.training and m.p > 0 for m in module.modules() if isinstance(m, nn.Dropout))
+
+
+def as_plan(attention_mask, module: nn.Module) -> AttentionPlan:
     """An AttentionPlan as is; the reference's additive (B, 1, 1, S) mask or None, as ppb code passes it
-    to `BertEncoder` or a layer directly, gets the reference's computation ("reference" while dropout
-    draws, else the same values through SDPA)."""
+    to `BertEncoder` or a layer (`module`) directly, gets the reference's computation ("reference"
+    while a dropout inside `module` draws, else the same values through SDPA)."""
     if isinstance(attention_mask, AttentionPlan):
         return attention_mask
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be an AttentionPlan, an additive mask tensor or None, "
                         f"got {type(attention_mask).__name__}")
-    path = "reference" if dropout_active else ("sdpa" if attention_mask is None else "sdpa_masked")
+    path = "reference" if dropout_active(module) else ("sdpa" if attention_mask is None else "sdpa_masked")
     return AttentionPlan(path, mask=attention_mask)
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from bert_port import kernels
 from bert_port.attention import (AttentionPlan, TokenLayout, additive_mask, as_plan, attend_unpadded, choose_path,
-                                 jagged, mask_kind, positions)
+                                 dropout_active, jagged, mask_kind, positions)
 from bert_port.config import ACTIVATIONS, BertConfig
 from bert_port.kernels import gelu, gelu_tanh
 from bert_port.pretrained import BertPreTrainedModel
@@ -113,7 +113,7 @@ class BertSelfAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: AttentionPlan) -> torch.Tensor:
         """(B, S, H) -> (B, S, H), or (T, H) -> (T, H) on the unpadded paths; `attention_mask` is the
         forward's AttentionPlan (the reference's additive (B, 1, 1, S) mask or None is accepted too)."""
-        plan = as_plan(attention_mask, self.training and self.dropout.p > 0)
+        plan = as_plan(attention_mask, self)
         q, k, v = (self.transpose_for_scores(kernels.linear(m, hidden_states))
                    for m in (self.query, self.key, self.value))
         p = self.dropout.p if self.training else 0.0
@@ -202,7 +202,7 @@ class BertEncoder(nn.Module):
         `attention_mask` is the forward's AttentionPlan; the reference's additive (B, 1, 1, S) mask
         or None (as ppb code passes them) get the reference's computation.
         """
-        plan = as_plan(attention_mask, _dropout_active(self))
+        plan = as_plan(attention_mask, self)
         h = plan.layout.unpad(hidden_states) if plan.repad else hidden_states  # skip_padding: (T, H)
         encoded = []
         for i, layer in enumerate(self.layer):
@@ -246,7 +246,8 @@ class BertModel(BertPreTrainedModel):
         (B, S) input: returns a list of L tensors (B, S, H) (or the last one alone when
         `output_all_encoded_layers=False`) and the pooled output (B, H), pytorch_pretrained_bert's
         values at every position, padding included. `skip_padding=True` (opt-in) does not compute
-        padded positions (mask 0/1 only): they come back as **0**, real tokens are unchanged.
+        padded positions (0/1 masks): they come back as **0**, real tokens are unchanged. (While
+        dropout draws ppb's random stream in training, the reference's computation runs regardless.)
 
         Jagged input (`torch.nested.nested_tensor(list_of_1d_ids, layout=torch.jagged)`, B sequences
         of any lengths, no attention_mask: the structure is the mask): the encoded layers are jagged
@@ -275,7 +276,7 @@ class BertModel(BertPreTrainedModel):
         a graph is recorded), the opt-in `skip_padding`, dropout (off / ppb's exact stream / the opt-in
         `BertConfig.fast_dropout`) and the device.
         """
-        dropout = "off" if not _dropout_active(self) else ("fast" if self.config.fast_dropout else "exact")
+        dropout = "off" if not dropout_active(self) else ("fast" if self.config.fast_dropout else "exact")
         if layout is not None:
             return AttentionPlan(choose_path("jagged", "none", dropout, x.device.type), layout=layout)
         kind = mask_kind(attention_mask, _recording())
@@ -339,11 +340,6 @@ class BertModel(BertPreTrainedModel):
         _check_range("input_ids", input_ids, c.vocab_size, "vocab_size")
         if token_type_ids is not None:
             _check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
-
-
-def _dropout_active(module: nn.Module) -> bool:
-    """Will any dropout inside `module` draw random numbers in this forward?"""
-    return any(m.training and m.p > 0 for m in module.modules() if isinstance(m, nn.Dropout))
 
 
 def _recording() -> bool:

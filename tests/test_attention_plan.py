@@ -88,20 +88,25 @@ def test_recording_a_graph_takes_the_masked_path_for_any_padding():
     assert seen == ["sdpa_masked"]
 
 
-def test_ppb_style_encoder_call_with_an_additive_mask():
-    """Code written for ppb calls the encoder with its extended mask: it gets ppb's computation."""
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_ppb_style_encoder_call_with_an_additive_mask(train):
+    """Code written for ppb calls the encoder with its extended mask: it gets ppb's computation
+    (in train mode with ppb's dropout draws)."""
     torch.manual_seed(0)
-    theirs = ppb.BertModel(ppb.BertConfig(**TINY)).eval()
-    ours = bp.BertModel(bp.BertConfig(**TINY)).eval()
+    theirs = ppb.BertModel(ppb.BertConfig(**TINY)).train(train)
+    ours = bp.BertModel(bp.BertConfig(**TINY)).train(train)
     ours.load_pretrained_state_dict(theirs.state_dict())
     extended = (1.0 - mask[:, None, None, :].float()) * -10000.0
-    with torch.no_grad():
-        emb = theirs.embeddings(ids, types)
-        ref = theirs.encoder(emb, extended)
-        out = ours.encoder(emb, extended)
-        out_none = ours.encoder(emb, None)
-    assert max((a - b).abs().max().item() for a, b in zip(ref, out)) < 1e-5
-    assert (out_none[-1] - theirs.encoder(emb, torch.zeros_like(extended))[-1]).abs().max() < 1e-5
+    emb = torch.randn(*ids.shape, TINY["hidden_size"], generator=torch.Generator().manual_seed(2))
+    runs = []
+    calls = [(theirs.encoder, extended), (ours.encoder, extended), (theirs.encoder, torch.zeros_like(extended)),
+             (ours.encoder, None)]
+    for encoder, m in calls:
+        torch.manual_seed(9)
+        with torch.no_grad():
+            runs.append(encoder(emb, m))
+    for ref, out in (runs[:2], runs[2:]):
+        assert max((a - b).abs().max().item() for a, b in zip(ref, out)) < 1e-5
     with pytest.raises(TypeError, match="AttentionPlan"):
         ours.encoder(emb, "mask")
 
