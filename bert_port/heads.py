@@ -245,7 +245,7 @@ class BertForTokenTagging(_Classifier):
         logits = self.classifier(self.dropout(sequence_output.values()))  # (T, num_labels)
         if labels is None:
             return jagged(logits, offsets)
-        if not (getattr(labels, "layout", None) == torch.jagged and labels.dim() == 2 and labels._lengths is None
+        if not (getattr(labels, "layout", None) == torch.jagged and labels.dim() == 2 and labels.lengths() is None
                 and torch.equal(labels.offsets(), offsets)):
             raise ValueError("labels must be a jagged nested tensor with the same sequence lengths as input_ids")
         return F.cross_entropy(logits, labels.values())

@@ -310,7 +310,7 @@ class BertModel(BertPreTrainedModel):
         if input_ids.layout != torch.jagged:
             raise ValueError(f"input_ids is a nested tensor with layout {input_ids.layout}; build it with "
                              "torch.nested.nested_tensor(list_of_1d_ids, layout=torch.jagged)")
-        if input_ids.dim() != 2 or input_ids._ragged_idx != 1 or input_ids._lengths is not None:
+        if input_ids.dim() != 2 or input_ids.lengths() is not None:
             raise ValueError(f"jagged input_ids must be B sequences of 1-D ids, shape (B, j) without holes; "
                              f"got shape {tuple(input_ids.shape)}")
         if attention_mask is not None:
@@ -319,7 +319,7 @@ class BertModel(BertPreTrainedModel):
         offsets = input_ids.offsets()
         if token_type_ids is not None and not (
                 getattr(token_type_ids, "layout", None) == torch.jagged and token_type_ids.dim() == 2
-                and token_type_ids._lengths is None and torch.equal(token_type_ids.offsets(), offsets)):
+                and token_type_ids.lengths() is None and torch.equal(token_type_ids.offsets(), offsets)):
             raise ValueError("token_type_ids must be a jagged nested tensor with input_ids' sequence lengths")
         layout = TokenLayout.from_offsets(offsets)
         if 0 in layout.lengths:

@@ -130,6 +130,8 @@ def _bad_inputs(ids, types, mask, lengths):
     return [
         ("layout torch.strided", dict(input_ids=torch.nested.nested_tensor([ids[0, :3], ids[1, :2]]))),
         ("1-D ids", dict(input_ids=jag([torch.ones(3, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long)]))),
+        ("without holes", dict(input_ids=torch.nested.nested_tensor_from_jagged(
+            ids[0, :6], torch.tensor([0, 3, 6]), lengths=torch.tensor([2, 3])))),
         ("the jagged structure is the mask", dict(input_ids=nt, attention_mask=split(mask, lengths))),
         ("the jagged structure is the mask", dict(input_ids=nt, attention_mask=mask)),
         ("token_type_ids must be a jagged", dict(input_ids=nt, token_type_ids=types)),
