@@ -36,7 +36,7 @@ PATHS = ("reference", "sdpa", "sdpa_masked", "unpadded_loop", "unpadded_launch")
 MASK_ADDER = -10000.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class TokenLayout:
     """Where the rows of a (T, ·) matrix of real tokens live in a (B, S) grid.
 
@@ -95,7 +95,7 @@ def positions(offsets: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> 
     return torch.arange(T, device=offsets.device) - torch.repeat_interleave(offsets[:-1], lengths)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class AttentionPlan:
     """How every layer of one forward attends (see the module docstring).
 
