@@ -13,6 +13,7 @@ from torch import nn
 
 from bert_port.config import BertConfig
 from bert_port import kernels
+from bert_port.attention import jagged
 from bert_port.model import BertLayerNorm, BertModel, activation
 from bert_port.pretrained import BertPreTrainedModel
 
@@ -25,6 +26,13 @@ def _num_labels(config: BertConfig, num_labels: Optional[int]) -> int:
     if isinstance(id2label, dict) and id2label:
         return len(id2label)
     return int(getattr(config, "num_labels", 2))
+
+
+def _padded_only(model: nn.Module, input_ids) -> None:
+    """Heads whose outputs are per position of a padded grid (or per choice) take (B, S) input only."""
+    if getattr(input_ids, "is_nested", False):
+        raise ValueError(f"{type(model).__name__} takes (batch, seq_len) input_ids; jagged input is taken by "
+                         "BertModel, BertForTokenTagging, BertForSequenceClassification, BertForNextSentencePrediction")
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -112,6 +120,7 @@ class BertForPreTraining(_TiedMLM):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_lm_labels=None,
                 next_sentence_label=None):
+        _padded_only(self, input_ids)
         sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask, False)
         nsp_scores = self.cls.seq_relationship(pooled)  # (B, 2)
         if masked_lm_labels is not None and next_sentence_label is not None:
@@ -134,6 +143,7 @@ class BertForMaskedLM(_TiedMLM):
         self.apply(self.init_bert_weights)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, masked_lm_labels=None):
+        _padded_only(self, input_ids)
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False)
         if masked_lm_labels is not None:
             return self.mlm_loss(sequence_output, masked_lm_labels)
@@ -173,7 +183,10 @@ class _Classifier(BertPreTrainedModel):
 
 
 class BertForSequenceClassification(_Classifier):
-    """Dropout + linear on the pooled output. Returns the loss, or logits (B, num_labels)."""
+    """Dropout + linear on the pooled output. Returns the loss, or logits (B, num_labels).
+
+    input_ids may be jagged (see BertModel.forward); labels stay (B,).
+    """
 
     hf_architecture = "BertForSequenceClassification"
     key_prefixes = ("classifier.",)
@@ -202,6 +215,7 @@ class BertForMultipleChoice(BertPreTrainedModel):
         self.apply(self.init_bert_weights)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
+        _padded_only(self, input_ids)
         flat = lambda t: None if t is None else t.reshape(-1, t.shape[-1])  # noqa: E731  (B*C, S)
         _, pooled = self.bert(flat(input_ids), flat(token_type_ids), flat(attention_mask), False)
         logits = self.classifier(self.dropout(pooled)).view(-1, self.num_choices)
@@ -215,6 +229,8 @@ class BertForTokenTagging(_Classifier):
 
     With labels, the loss is the mean cross-entropy over active tokens only (attention_mask == 1)
     and ignores label -100 (later word pieces, [CLS], [SEP]). Returns the loss, or logits (B, S, num_labels).
+    Jagged input_ids (see BertModel.forward): logits are jagged (B, j, num_labels), labels jagged
+    like input_ids; the loss is the same (every token is active, -100 ignored).
     """
 
     hf_architecture = "BertForTokenClassification"
@@ -223,6 +239,8 @@ class BertForTokenTagging(_Classifier):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, labels=None):
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False)
+        if sequence_output.is_nested:
+            return self._jagged(sequence_output, labels)
         logits = self.classifier(self.dropout(sequence_output))  # (B, S, num_labels)
         if labels is None:
             return logits
@@ -230,6 +248,18 @@ class BertForTokenTagging(_Classifier):
             return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
         active = attention_mask.view(-1) == 1
         return F.cross_entropy(logits.view(-1, self.num_labels)[active], labels.view(-1)[active])
+
+
+    def _jagged(self, sequence_output: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """Classify the (T, H) rows of a jagged batch: jagged logits, or the loss against jagged labels."""
+        offsets = sequence_output.offsets()
+        logits = self.classifier(self.dropout(sequence_output.values()))  # (T, num_labels)
+        if labels is None:
+            return jagged(logits, offsets)
+        if not (getattr(labels, "layout", None) == torch.jagged and labels.dim() == 2 and labels.lengths() is None
+                and torch.equal(labels.offsets(), offsets)):
+            raise ValueError("labels must be a jagged nested tensor with the same sequence lengths as input_ids")
+        return F.cross_entropy(logits, labels.values())
 
 
 class BertForTokenClassification(BertForTokenTagging):
@@ -252,9 +282,8 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, start_positions=None,
                 end_positions=None):
-        # The span softmax runs over all S positions, padding included, as in the reference: so the
-        # padded positions are computed, not skipped.
-        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False, skip_padding=False)
+        _padded_only(self, input_ids)
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask, False)
         start_logits, end_logits = self.qa_outputs(sequence_output).unbind(-1)
         if start_positions is None or end_positions is None:
             return start_logits, end_logits

@@ -1,25 +1,33 @@
 """BERT encoder (Devlin et al. 2018) with pytorch_pretrained_bert 0.6.2's module tree, parameters and init.
 
 Shapes: B = batch, S = sequence length, H = hidden size, A = attention heads, D = H / A,
-I = intermediate size, T = number of real (non-padding) tokens in the batch.
+I = intermediate size, T = number of real tokens in a jagged batch (sum of its lengths).
 
 Module names, parameter names and order, construction order (hence the random stream under a
-seed), dropout calls and train/eval behaviour are the reference's. Two things happen behind them:
-- At inference (and whenever no dropout is active), padding is not computed: the encoder gathers
-  the T real tokens into a (T, H) matrix, runs every linear layer and LayerNorm on those only, and
-  each sequence attends within its own rows. Encoded layers are therefore 0 at padded positions.
-  While dropout is active the encoder runs the reference's padded (B, S, H) computation, so that
-  dropout draws the same random numbers as pytorch_pretrained_bert. `BertConfig(fast_dropout=True)`
-  opts out of that: padding is skipped in training too and attention dropout is drawn inside SDPA
-  (same distribution, other masks; 1.6x faster training steps on a padded batch in bench_train.py).
-- Linear layers go through `bert_port.kernels.linear`, which picks the faster kernel measured on
-  this machine and fuses the activation or residual add at inference. The modules stay nn.Linear.
+seed), dropout calls, train/eval behaviour and every output value are the reference's:
+- (B, S) input: ppb's values at every position, padding included (padded rows attend to the real
+  tokens as in the reference; code that reads or normalises those rows gets ppb's numbers). While
+  dropout is active the reference's ops run (explicit dropout on the softmax), so dropout draws
+  ppb's random numbers; otherwise the same values come from one fused SDPA with the same additive
+  mask (B, 1, 1, S) (or none when nothing is padded).
+- Speed without changing any number: give input that has no padding. Jagged input_ids
+  (`torch.nested.nested_tensor(list_of_1d_ids, layout=torch.jagged)`) -> jagged (B, j, H) layers:
+  the encoder works on the (T, H) rows of real tokens (+ offsets) and each sequence attends within
+  its own rows, so the padding of a mixed-length batch is never computed (no (B, S) tensor exists).
+- Opt-ins that change numbers a (B, S) caller reads: `skip_padding=True` (padding not computed, padded
+  rows returned as 0) and `BertConfig(fast_dropout=True)` (training: padding skipped, attention
+  dropout drawn inside SDPA: same distribution, other random numbers; 1.6x faster steps on a padded
+  batch in bench_train.py).
+Which attention computation runs is decided once per forward (`BertModel.attention_plan`, see
+bert_port/attention.py) and passed to every layer as one AttentionPlan.
+
+Linear layers go through `bert_port.kernels.linear`, which picks the faster kernel measured on this
+machine and fuses the activation or residual add at inference. The modules stay nn.Linear.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -27,14 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bert_port import kernels
+from bert_port.attention import (AttentionPlan, TokenLayout, additive_mask, as_plan, attend_unpadded, choose_path,
+                                 dropout_active, jagged, mask_kind, positions)
 from bert_port.config import ACTIVATIONS, BertConfig
 from bert_port.kernels import gelu, gelu_tanh
 from bert_port.pretrained import BertPreTrainedModel
-
-# The additive mask value of the reference, Google's and MegEngine's BERT: (1 - mask) * -10000.
-MASK_ADDER = -10000.0
-# Devices where unpadded attention loops over the sequences; elsewhere it is one masked launch.
-PER_SEQUENCE_DEVICES = ("cpu",)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -62,29 +67,6 @@ class BertLayerNorm(nn.LayerNorm):
         return self.eps
 
 
-@dataclass
-class TokenLayout:
-    """Where the rows of a (T, ·) matrix of real tokens live in the (B, S) batch.
-
-    Passed to the encoder layers in place of the additive mask when padding is skipped.
-    `index`: the flat positions b*S + s of the real tokens; `lengths`: real tokens per sequence.
-    """
-
-    batch: int
-    seq_len: int
-    index: torch.Tensor
-    lengths: List[int]
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(T, C) -> (B, S, C), zeros at padding."""
-        out = x.new_zeros(self.batch * self.seq_len, x.shape[-1]).index_copy_(0, self.index, x)
-        return out.view(self.batch, self.seq_len, -1)
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, C) -> (T, C)."""
-        return x.reshape(self.batch * self.seq_len, x.shape[-1]).index_select(0, self.index)
-
-
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -94,11 +76,14 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = BertLayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, S) ids -> (B, S, H)."""
-        seq_len = input_ids.shape[1]
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, S) ids -> (B, S, H) at positions 0..S-1; or any ids with their `position_ids` (e.g. (T,) -> (T, H))."""
         x = self.word_embeddings(input_ids)
-        x = x + self.position_embeddings.weight[:seq_len]  # positions 0..S-1: a slice, no gather
+        if position_ids is None:
+            x = x + self.position_embeddings.weight[:input_ids.shape[1]]  # positions 0..S-1: a slice, no gather
+        else:
+            x = x + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
@@ -119,60 +104,30 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, self.all_head_size)
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        self.fast_dropout = bool(getattr(config, "fast_dropout", False))
 
     def transpose_for_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(..., L, H) -> (..., A, L, D)."""
         x = x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size)
         return x.transpose(-3, -2)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Union[torch.Tensor, TokenLayout, None]
-                ) -> torch.Tensor:
-        """(B, S, H) with an additive mask (B, 1, 1, S) or None; or (T, H) with a TokenLayout."""
+    def forward(self, hidden_states: torch.Tensor, attention_mask: AttentionPlan) -> torch.Tensor:
+        """(B, S, H) -> (B, S, H), or (T, H) -> (T, H) on the unpadded paths; `attention_mask` is the
+        forward's AttentionPlan (the reference's additive (B, 1, 1, S) mask or None is accepted too)."""
+        plan = as_plan(attention_mask, self)
         q, k, v = (self.transpose_for_scores(kernels.linear(m, hidden_states))
                    for m in (self.query, self.key, self.value))
         p = self.dropout.p if self.training else 0.0
-        if isinstance(attention_mask, TokenLayout):
-            return _attend_unpadded(q, k, v, attention_mask, p)  # (T, H)
-        if p > 0 and not self.fast_dropout:  # the reference's ops: dropout draws as in ppb
+        if plan.unpadded:
+            return attend_unpadded(q, k, v, plan, p)  # (T, H)
+        if plan.path == "reference":  # the reference's ops: dropout draws as in ppb
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size)
-            if attention_mask is not None:
-                scores = scores + attention_mask
+            if plan.mask is not None:
+                scores = scores + plan.mask
             ctx = self.dropout(scores.softmax(dim=-1)) @ v
-        else:
-            mask = None if attention_mask is None else attention_mask.to(q.dtype)
+        else:  # "sdpa" / "sdpa_masked": the same values, one fused kernel
+            mask = None if plan.mask is None else plan.mask.to(q.dtype)
             ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return ctx.transpose(1, 2).reshape(*hidden_states.shape[:-1], self.all_head_size)  # (B, S, H)
-
-
-def _attend_unpadded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, dropout_p: float = 0.0
-                     ) -> torch.Tensor:
-    """q, k, v (A, T, D) of real tokens -> context (T, A*D), each sequence attending within itself.
-
-    On CPU, one unmasked attention per sequence: sum(L^2) scores instead of B*S^2, no padded copy
-    (3x faster than masked attention at lengths 16-128 of 128). Elsewhere one launch: scatter into
-    (B, A, S, D) and mask the padded keys, so a GPU does not run B small kernels per layer.
-    """
-    A, T, D = q.shape
-    if q.device.type in PER_SEQUENCE_DEVICES:
-        parts = [F.scaled_dot_product_attention(*(t[None, :, start:start + n] for t in (q, k, v)),
-                                                dropout_p=dropout_p)[0]  # 4-D: the fused CPU kernel
-                 for start, n in zip(_starts(layout.lengths), layout.lengths) if n]
-        ctx = torch.cat(parts, dim=1) if parts else q.new_zeros(A, 0, D)
-        return ctx.transpose(0, 1).reshape(T, A * D)
-    B, S = layout.batch, layout.seq_len
-    padded = [layout.pad(t.transpose(0, 1).reshape(T, A * D)).view(B, S, A, D).transpose(1, 2) for t in (q, k, v)]
-    keep = torch.zeros(B * S, dtype=torch.bool, device=q.device).index_fill_(0, layout.index, True)
-    ctx = F.scaled_dot_product_attention(*padded, attn_mask=keep.view(B, 1, 1, S), dropout_p=dropout_p)  # (B, A, S, D)
-    return layout.unpad(ctx.transpose(1, 2).reshape(B, S, A * D))
-
-
-def _starts(lengths: List[int]) -> List[int]:
-    starts, total = [], 0
-    for n in lengths:
-        starts.append(total)
-        total += n
-    return starts
 
 
 class _DenseAddNorm(nn.Module):
@@ -242,14 +197,18 @@ class BertEncoder(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask, output_all_encoded_layers: bool = True
                 ) -> List[torch.Tensor]:
-        """(B, S, H) -> list of (B, S, H); `attention_mask` is the additive (B, 1, 1, S) mask, None or a TokenLayout."""
-        unpadded = isinstance(attention_mask, TokenLayout)
-        h = attention_mask.unpad(hidden_states) if unpadded else hidden_states
+        """(B, S, H) -> list of (B, S, H), or (T, H) rows of a jagged batch -> list of (T, H).
+
+        `attention_mask` is the forward's AttentionPlan; the reference's additive (B, 1, 1, S) mask
+        or None (as ppb code passes them) get the reference's computation.
+        """
+        plan = as_plan(attention_mask, self)
+        h = plan.layout.unpad(hidden_states) if plan.repad else hidden_states  # skip_padding: (T, H)
         encoded = []
         for i, layer in enumerate(self.layer):
-            h = layer(h, attention_mask)
+            h = layer(h, plan)
             if output_all_encoded_layers or i == len(self.layer) - 1:
-                encoded.append(attention_mask.pad(h) if unpadded else h)
+                encoded.append(plan.layout.pad(h) if plan.repad else h)
         return encoded
 
 
@@ -283,64 +242,102 @@ class BertModel(BertPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         output_all_encoded_layers: bool = True,
         *,
-        skip_padding: bool = True,
+        skip_padding: bool = False,
     ) -> Tuple[Union[List[torch.Tensor], torch.Tensor], torch.Tensor]:
-        """input_ids, token_type_ids, attention_mask: (B, S).
+        """input_ids, token_type_ids, attention_mask: (B, S); or jagged input_ids (and token_type_ids).
 
-        Returns a list of L tensors (B, S, H) (or the last one alone when
-        `output_all_encoded_layers=False`) and the pooled output (B, H). When padding is skipped
-        (see the module docstring) positions where the mask is 0 come back as 0;
-        `skip_padding=False` always computes them as the reference does.
+        (B, S) input: returns a list of L tensors (B, S, H) (or the last one alone when
+        `output_all_encoded_layers=False`) and the pooled output (B, H), pytorch_pretrained_bert's
+        values at every position, padding included. `skip_padding=True` (opt-in) does not compute
+        padded positions (0/1 masks): they come back as **0**, real tokens are unchanged. (While
+        dropout draws ppb's random stream in training, the reference's computation runs regardless.)
+
+        Jagged input (`torch.nested.nested_tensor(list_of_1d_ids, layout=torch.jagged)`, B sequences
+        of any lengths, no attention_mask: the structure is the mask): the encoded layers are jagged
+        (B, j, H) holding only the real tokens (`.unbind()` gives (L_i, H) each), pooled is (B, H).
         """
-        self.check_inputs(input_ids, token_type_ids, attention_mask)
-        x = self.embeddings(input_ids, token_type_ids)  # (B, S, H)
-        mask = self.encoder_mask(attention_mask, x, skip_padding)
-        encoded = self.encoder(x, mask, output_all_encoded_layers)
-        pooled = self.pooler(encoded[-1])
+        layout = self.check_inputs(input_ids, token_type_ids, attention_mask)
+        if layout is None:
+            x = self.embeddings(input_ids, token_type_ids)  # (B, S, H)
+        else:  # jagged: the T real tokens, positions restarting at 0 in each sequence
+            types = None if token_type_ids is None else token_type_ids.values()
+            x = self.embeddings(input_ids.values(), types, positions(layout.offsets))  # (T, H)
+        plan = self.attention_plan(attention_mask, x, skip_padding, layout)
+        encoded = self.encoder(x, plan, output_all_encoded_layers)
+        if layout is None:
+            pooled = self.pooler(encoded[-1])
+        else:
+            pooled = self.pooler(encoded[-1][layout.offsets[:-1]].unsqueeze(1))  # each sequence's first row
+            encoded = [jagged(h, input_ids.offsets()) for h in encoded]
         return (encoded if output_all_encoded_layers else encoded[-1]), pooled
 
-    def encoder_mask(self, attention_mask: Optional[torch.Tensor], x: torch.Tensor, skip_padding: bool = True
-                     ) -> Union[torch.Tensor, TokenLayout, None]:
-        """What the encoder layers get: None (nothing to mask), a TokenLayout (padding skipped) or
-        the reference's additive mask (B, 1, 1, S)."""
-        if attention_mask is None:
-            return None
-        B, S = attention_mask.shape
-        additive = lambda: ((1.0 - attention_mask.to(x.dtype)) * MASK_ADDER).view(B, 1, 1, S)  # noqa: E731
-        if _recording():  # reading the mask's values would bake this batch's padding into the graph
-            return additive()
-        real = attention_mask != 0
-        if bool(real.all()):
-            return None
-        if not skip_padding or self._dropout_active() or not bool((attention_mask[real] == 1).all()):
-            return additive()  # the reference's computation (non-0/1 masks are soft masks: as the reference)
-        return TokenLayout(B, S, real.view(-1).nonzero().squeeze(1), real.sum(1).tolist())
+    def attention_plan(self, attention_mask: Optional[torch.Tensor], x: torch.Tensor, skip_padding: bool = False,
+                       layout: Optional[TokenLayout] = None) -> AttentionPlan:
+        """The one decision of this forward: which attention path every layer runs (bert_port.attention).
 
-    def _dropout_active(self) -> bool:
-        """True when dropout must draw as the reference does (see the module docstring)."""
-        return (self.training and not getattr(self.config, "fast_dropout", False)
-                and any(m.p > 0 for m in self.modules() if isinstance(m, nn.Dropout)))
+        Explicit inputs only: the input type (`layout` for jagged input), the mask's values (unread while
+        a graph is recorded), the opt-in `skip_padding`, dropout (off / ppb's exact stream / the opt-in
+        `BertConfig.fast_dropout`) and the device.
+        """
+        dropout = "off" if not dropout_active(self) else ("fast" if self.config.fast_dropout else "exact")
+        if layout is not None:
+            return AttentionPlan(choose_path("jagged", "none", dropout, x.device.type), layout=layout)
+        kind = mask_kind(attention_mask, _recording())
+        path = choose_path("skip_padding" if skip_padding else "padded", kind, dropout, x.device.type)
+        if path.startswith("unpadded"):  # only for a 0/1 mask with padding, by opt-in
+            return AttentionPlan(path, layout=TokenLayout.from_mask(attention_mask == 1), repad=True)
+        masked = kind not in ("none", "ones")
+        return AttentionPlan(path, mask=additive_mask(attention_mask, x.dtype) if masked else None)
 
-    def check_inputs(self, input_ids, token_type_ids, attention_mask) -> None:
-        """Clear ValueErrors for what would otherwise be an index error deep inside torch."""
-        c = self.config
+    def check_inputs(self, input_ids, token_type_ids, attention_mask) -> Optional[TokenLayout]:
+        """Clear ValueErrors for what would otherwise be an index error deep inside torch.
+
+        Returns None for (B, S) input, the TokenLayout of the sequences for jagged input.
+        """
+        if getattr(input_ids, "is_nested", False):
+            return self._check_jagged(input_ids, token_type_ids, attention_mask)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {shape}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+            raise ValueError(f"input_ids must be a (batch, seq_len) tensor or a jagged nested tensor, got {shape}")
         for name, t in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
-            if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+            if t is not None and (t.is_nested or tuple(t.shape) != tuple(input_ids.shape)):
                 raise ValueError(
                     f"{name} has shape {tuple(t.shape)}, input_ids has {tuple(input_ids.shape)}; they must match"
                 )
         if _recording():  # shapes and values are the graph's inputs now, not this example's
-            return
-        if input_ids.shape[1] > c.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
-                f"({c.max_position_embeddings})"
-            )
+            return None
+        self._check_ids(input_ids, token_type_ids, input_ids.shape[1])
+        return None
+
+    def _check_jagged(self, input_ids, token_type_ids, attention_mask) -> TokenLayout:
+        if input_ids.layout != torch.jagged:
+            raise ValueError(f"input_ids is a nested tensor with layout {input_ids.layout}; build it with "
+                             "torch.nested.nested_tensor(list_of_1d_ids, layout=torch.jagged)")
+        if input_ids.dim() != 2 or input_ids.lengths() is not None:
+            raise ValueError(f"jagged input_ids must be B sequences of 1-D ids, shape (B, j) without holes; "
+                             f"got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            raise ValueError("attention_mask cannot be given with jagged input_ids: the jagged structure is the mask "
+                             "(every row of it is a real token)")
+        offsets = input_ids.offsets()
+        if token_type_ids is not None and not (
+                getattr(token_type_ids, "layout", None) == torch.jagged and token_type_ids.dim() == 2
+                and token_type_ids.lengths() is None and torch.equal(token_type_ids.offsets(), offsets)):
+            raise ValueError("token_type_ids must be a jagged nested tensor with input_ids' sequence lengths")
+        layout = TokenLayout.from_offsets(offsets)
+        if 0 in layout.lengths:
+            raise ValueError(f"input_ids sequence {layout.lengths.index(0)} is empty; every sequence needs a token")
+        self._check_ids(input_ids.values(), None if token_type_ids is None else token_type_ids.values(),
+                        max(layout.lengths, default=0))
+        return layout
+
+    def _check_ids(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor], seq_len: int) -> None:
+        """Integer ids within the vocabularies, sequences within the positions (padded or jagged values)."""
+        c = self.config
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if seq_len > c.max_position_embeddings:
+            raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings ({c.max_position_embeddings})")
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
         _check_range("input_ids", input_ids, c.vocab_size, "vocab_size")

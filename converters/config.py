@@ -126,6 +126,11 @@ def parameter_count(c: "BertConfig") -> int:
 class BertConfig:
     """Hyper-parameters of a BERT model (pytorch_pretrained_bert signature)."""
 
+    # Opt-in faster training (bert_port.model): padding skipped, attention dropout drawn inside SDPA, so
+    # dropout's random numbers (and outputs at padded positions) differ from the reference's. Not written
+    # to files unless set: `BertConfig(..., fast_dropout=True)` or "fast_dropout": true in a config file.
+    fast_dropout: bool = False
+
     def __init__(
         self,
         vocab_size_or_config_json_file: Union[int, str, os.PathLike] = 30522,
@@ -197,6 +202,8 @@ class BertConfig:
         if params > MAX_PARAMETERS:
             raise ValueError(f"BertConfig describes a model of {params:,} parameters, above the limit of "
                              f"{MAX_PARAMETERS:,} (see SECURITY.md)")
+        if not isinstance(self.fast_dropout, bool):
+            raise ValueError(f"BertConfig.fast_dropout must be true or false, got {self.fast_dropout!r:.100}")
         if not callable(self.hidden_act) and (not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS):
             raise ValueError(
                 f"BertConfig.hidden_act {shown(self.hidden_act)} is not supported; use one of {sorted(ACTIVATIONS)}"

@@ -13,7 +13,7 @@ import torch
 
 import bert_port as bp
 from bert_port import kernels
-from bert_port import model as model_module
+from bert_port import attention
 from tests.conftest import ROOT, TINY, make_inputs, scale_weights_
 
 SMALL = dict(TINY, hidden_size=64, num_attention_heads=4, intermediate_size=128)
@@ -54,8 +54,7 @@ def test_every_kernel_choice_gives_the_plain_linear_result(forced, dtype, tol):
     for choice in ("onednn", "auto"):
         forced(choice)
         seq, pooled = last_layer(model, inputs)
-        real = inputs[2].bool()
-        assert (seq.float() - ref_seq.float())[real].abs().max() <= tol
+        assert (seq.float() - ref_seq.float()).abs().max() <= tol
         assert (pooled.float() - ref_pooled.float()).abs().max() <= tol
     if kernels._ONEDNN_OP is not None and dtype == torch.float32:
         forced("onednn")
@@ -146,11 +145,11 @@ def test_quantize_dynamic_quantizes_every_linear():
 def test_unpadded_attention_in_one_launch_matches_per_sequence(monkeypatch):
     """The path used off CPU (scatter to (B, S), masked SDPA) against the per-sequence loop."""
     model, inputs = small_model(), batch()
-    per_sequence = last_layer(model, inputs)
-    monkeypatch.setattr(model_module, "PER_SEQUENCE_DEVICES", ())
-    one_launch = last_layer(model, inputs)
-    real = inputs[2].bool()
-    assert (one_launch[0] - per_sequence[0])[real].abs().max() < 1e-5
+    per_sequence = last_layer(model, inputs, skip_padding=True)
+    monkeypatch.setattr(attention, "PER_SEQUENCE_DEVICES", ())
+    assert model.attention_plan(inputs[2], torch.zeros(1), skip_padding=True).path == "unpadded_launch"
+    one_launch = last_layer(model, inputs, skip_padding=True)
+    assert (one_launch[0] - per_sequence[0]).abs().max() < 1e-5  # padded rows: 0 in both
     assert (one_launch[1] - per_sequence[1]).abs().max() < 1e-5
 
 
@@ -164,7 +163,7 @@ def test_jit_trace_is_correct_for_another_padding_pattern():
     with torch.no_grad():
         layers, tpooled = traced(*other)
     tseq = layers[-1]
-    assert (tseq - seq)[other[2].bool()].abs().max() < 1e-5 and (tpooled - pooled).abs().max() < 1e-5
+    assert (tseq - seq).abs().max() < 1e-5 and (tpooled - pooled).abs().max() < 1e-5  # padding included
 
 
 def test_torch_export_and_compile():
@@ -172,11 +171,11 @@ def test_torch_export_and_compile():
     seq, pooled = last_layer(model, inputs)
     program = torch.export.export(model, (*inputs, False))
     eseq, epooled = program.module()(*inputs, False)
-    assert (eseq - seq)[inputs[2].bool()].abs().max() < 1e-5 and (epooled - pooled).abs().max() < 1e-5
+    assert (eseq - seq).abs().max() < 1e-5 and (epooled - pooled).abs().max() < 1e-5  # padding included
     compiled = torch.compile(model)
     with torch.no_grad():
         cseq, cpooled = compiled(*inputs, False)
-    assert (cseq - seq)[inputs[2].bool()].abs().max() < 1e-5 and (cpooled - pooled).abs().max() < 1e-5
+    assert (cseq - seq).abs().max() < 1e-5 and (cpooled - pooled).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -196,10 +195,8 @@ def test_onnx_export_runs_in_onnxruntime_with_dynamic_axes(tmp_path, exporter, h
             ours = model(*inputs) if head != "BertModel" else model(*inputs, output_all_encoded_layers=False)
         ours = ours if isinstance(ours, tuple) else (ours,)
         theirs = session.run(None, {n: t.numpy() for n, t in zip(INPUT_NAMES, inputs)})
-        real = inputs[2].bool().numpy()
         for a, b in zip(ours, theirs):
-            a = a.numpy()
-            diff = np.abs(a - b)[real] if a.shape[:2] == real.shape else np.abs(a - b)
+            diff = np.abs(a.numpy() - b)  # every position, padding included
             assert diff.max() < 1e-5, (head, exporter, diff.max())
 
 

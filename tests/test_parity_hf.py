@@ -1,5 +1,9 @@
 """Parity with HF transformers on the same weights, the save_pretrained -> transformers round trip,
-and real all-MiniLM-L6-v2 weights."""
+and real all-MiniLM-L6-v2 weights. Full tensors, padded positions included.
+
+Masks are 0/1 or absent here: HF reads any value other than 1 as "masked" (it builds its additive mask
+with masked_fill), so soft masks mean something else there; their parity is with ppb (test_parity_ppb.py).
+"""
 import pytest
 import torch
 
@@ -9,6 +13,7 @@ from tests.conftest import TINY, make_inputs, scale_weights_
 transformers = pytest.importorskip("transformers")
 
 TOL = 1e-5
+PADDED_REAL_WEIGHTS_TOL = 1e-4
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -26,19 +31,20 @@ def tiny_model(cls=bp.BertModel, *args):
     return model.eval()
 
 
-def test_bert_model_matches_transformers(tmp_path):
+@pytest.mark.parametrize("with_mask", [True, False], ids=["padded", "no-mask"])
+def test_bert_model_matches_transformers(tmp_path, with_mask):
     ours = tiny_model()
     ours.save_pretrained(tmp_path)
     hf, info = transformers.BertModel.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     hf = hf.eval()
     ids, types, mask = make_inputs()
+    mask = mask if with_mask else None
     with torch.no_grad():
         ref = hf(input_ids=ids, token_type_ids=types, attention_mask=mask, output_hidden_states=True)
         layers, pooled = ours(ids, types, mask)
-    real = mask.bool()
     for ref_layer, layer in zip(ref.hidden_states[1:], layers):  # HF's [0] is the embedding output
-        assert (ref_layer - layer)[real].abs().max() < TOL
+        assert (ref_layer - layer).abs().max() < TOL  # every position, padding included
     assert (ref.pooler_output - pooled).abs().max() < TOL
 
 
@@ -59,11 +65,9 @@ def test_heads_load_in_transformers_unchanged(tmp_path, ours_cls, hf_name, args)
         out = ours(ids, types, mask)
     out = out if isinstance(out, tuple) else (out,)
     ref = [v for v in ref.values() if isinstance(v, torch.Tensor)]
-    real = mask.bool()
     for r, o in zip(ref, out):
         assert r.shape == o.shape
-        diff = (r - o)[real] if (r.dim() >= 2 and r.shape[:2] == mask.shape and hf_name != "BertForQuestionAnswering") else r - o
-        assert diff.abs().max() < 3 * TOL
+        assert (r - o).abs().max() < TOL  # every position, padding included
 
 
 def test_tanh_gelu_alias_is_saved_under_hfs_name(tmp_path):
@@ -76,7 +80,7 @@ def test_tanh_gelu_alias_is_saved_under_hfs_name(tmp_path):
     with torch.no_grad():
         ref = hf(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state
         out = model(ids, types, mask, False)[0]
-    assert (ref - out)[mask.bool()].abs().max() < TOL
+    assert (ref - out).abs().max() < TOL
 
 
 def test_save_pretrained_round_trip_is_exact(tmp_path):
@@ -99,10 +103,13 @@ def test_real_minilm_weights_match_transformers(minilm_dir):
         ref = hf(**batch)
         seq, pooled = ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], False)
     real = batch["attention_mask"].bool()
-    diff = (ref.last_hidden_state - seq)[real].abs().max().item()
-    assert diff < TOL, diff
-    assert (ref.pooler_output - pooled).abs().max() < TOL
     assert real.sum() < real.numel()  # the batch really is padded
+    diff = (ref.last_hidden_state - seq).abs()
+    assert diff[real].max() < TOL, diff[real].max()
+    # Padded rows of this model are ill-conditioned in fp32: HF's own sdpa and eager attention differ
+    # there by 2.8e-5 (ppb vs HF: 4.1e-5), so they are held to what independent implementations share.
+    assert diff[~real].max() < PADDED_REAL_WEIGHTS_TOL, diff[~real].max()
+    assert (ref.pooler_output - pooled).abs().max() < TOL
 
 
 def test_real_minilm_ids_match_tokenizer_fast(minilm_dir):

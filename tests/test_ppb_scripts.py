@@ -9,8 +9,8 @@ same "pretrained" directory (ppb layout: bert_config.json + pytorch_model.bin wi
 gamma/beta names + vocab.txt), so initial head weights, data order (RandomSampler draws from the
 global RNG after the model is built) and dropout masks all come from the same random stream.
 The scripts return their numbers; the tests require ppb's numbers, with dropout 0 and 0.1:
-losses, metrics, logits and features within 1e-5 (features at real tokens only: bert_port
-returns 0 at padded positions at inference, by design), weights after training within 1e-4,
+losses, metrics, logits and features within 1e-5 (at every position, padding included, as the
+scripts read them), weights after training within 1e-4,
 tokens, ids, data order and parameter names exactly. Two float32 exceptions, both rounding of an
 identical computation (test_scripts_agree_in_float64 reruns every script in float64 and requires
 1e-9 on everything, these included):
@@ -389,7 +389,7 @@ def ner_tagger(lib, workdir, bert_model, full_finetuning):
     logits = logits.detach().cpu().numpy()
     real = val_masks.numpy() > 0
     predictions = np.argmax(logits, axis=2)
-    out["eval_logits[real tokens]"] = logits[real]
+    out["eval_logits[every position]"] = logits
     out["predictions"] = [[int(p) for p, m in zip(row, mrow) if m] for row, mrow in zip(predictions, real)]
     out["eval_accuracy"] = float((predictions[real] == val_tags.numpy()[real]).mean())
     out["key_bias_grad_max"] = max(key_bias_grads, default=0.0)  # noise: see KEY_BIAS
@@ -476,7 +476,7 @@ def crf_subclass(lib, workdir, bert_model):
     model.eval()
     with torch.no_grad():
         out["eval_nll"] = model(ids, None, mask, labels).item()
-        out["emissions[real tokens]"] = model(ids, None, mask)[mask.bool()]
+        out["emissions[every position]"] = model(ids, None, mask)
     out.update(weights(model))
     return out
 
@@ -633,7 +633,7 @@ def simple_lm_finetuning(lib, workdir, bert_model):
     model.eval()
     with torch.no_grad():
         prediction_scores, seq_relationship_score = model(input_ids, segment_ids, input_mask)
-    out["prediction_scores[real tokens]"] = prediction_scores[input_mask.bool()].numpy()
+    out["prediction_scores[every position]"] = prediction_scores.numpy()
     out["seq_relationship_score"] = seq_relationship_score.numpy()
     out["decoder_is_embedding"] = model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
     out.update(weights(model))
