@@ -88,8 +88,6 @@ def _depth_ok(value: Any, limit: int) -> bool:
 
 def _optional_problem(name: str, value: Any) -> "str | None":
     """The problem with an optional, known field (None if fine); unknown fields only nest-check."""
-    if name == "fast_dropout" and not isinstance(value, bool):
-        return "must be true or false"
     if name in ("pad_token_id", "num_labels") and value is not None and (
             not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < LIMITS["vocab_size"]):
         return f"must be an int in [0, {LIMITS['vocab_size']})"
@@ -203,7 +201,7 @@ class BertConfig:
             raise ValueError(f"BertConfig describes a model of {params:,} parameters, above the limit of "
                              f"{MAX_PARAMETERS:,} (see SECURITY.md)")
         if not isinstance(self.fast_dropout, bool):
-            raise ValueError(f"BertConfig.fast_dropout must be true or false, got {self.fast_dropout!r:.100}")
+            raise ValueError(f"BertConfig.fast_dropout must be true or false, got {shown(self.fast_dropout)}")
         if not callable(self.hidden_act) and (not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS):
             raise ValueError(
                 f"BertConfig.hidden_act {shown(self.hidden_act)} is not supported; use one of {sorted(ACTIVATIONS)}"
