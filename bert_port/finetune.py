@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from converters.atomic import atomic_write_text
+
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
@@ -226,10 +228,7 @@ def run_predict(args, log) -> None:
     if out_file is None:
         sys.stdout.write(text)
     else:
-        try:
-            out_file.write_text(text, encoding="utf-8")
-        except OSError as e:
-            raise ValueError(f"{out_file}: cannot write ({e.strerror or e})") from e
+        atomic_write_text(out_file, text)  # whole or nothing; a link there is replaced, not followed
     gold = [e.tags if task.name == "tag" else e.label for e in examples]
     if examples and None not in gold and (task.name == "tag" or set(gold) <= set(labels)):
         scores = task.score(examples, predicted, labels).scores()

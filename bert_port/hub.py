@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import urllib.parse
-import shutil
 import stat
 import sys
 import time
@@ -37,8 +36,10 @@ import requests
 import urllib3
 
 from bert_port import cache
+from converters import owned
 from converters.atomic import atomic_write_json, temp_dir_beside
 from converters.files import open_regular
+from converters.output import copy_file
 
 logger = logging.getLogger(__name__)
 
@@ -509,26 +510,29 @@ def _cache_errors(model: HubModel, s: Settings) -> Iterator[None]:
         raise
     except OSError as e:
         raise HubError(f"{model.name}: cannot write to the cache {s.cache_dir}: {e.strerror or e}") from e
+    except (owned.UnsafePath, owned.WriteFailed) as e:  # a link inside the cache root, a full disk
+        raise HubError(f"{model.name}: cache {s.cache_dir}: {e}") from e
 
 
 def _fill(model: HubModel, s: Settings, entry: Path) -> None:
     """Download and convert under the lock. Downloads are kept only to resume a broken connection."""
     downloads = s.cache_dir / cache.DOWNLOADS / model.name
     existed = downloads.exists()
+    owned.make_dirs(s.cache_dir, downloads)  # never through a link: `downloads` may not lead outside the root
     try:
         fetched = _fetch_all(model, s, downloads)
         _convert_into(model, s, downloads, fetched, entry)
     except Exception as e:
         if not existed and not getattr(e, "resumable", False):
-            _remove_downloads(downloads)  # leave the cache as it was
+            _remove_downloads(s.cache_dir, downloads)  # leave the cache as it was
         raise
-    _remove_downloads(downloads)
+    _remove_downloads(s.cache_dir, downloads)
 
 
-def _remove_downloads(downloads: Path) -> None:
-    shutil.rmtree(downloads, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        downloads.parent.rmdir()  # only if no other model is mid-download
+def _remove_downloads(root: Path, downloads: Path) -> None:
+    cache.remove_tree(root, downloads)
+    with contextlib.suppress(OSError, ValueError):
+        owned.contained(root, downloads.parent).rmdir()  # only if no other model is mid-download
 
 
 def resolve_vocab(name: str, cache_dir: Optional[PathLike] = None) -> Path:
@@ -551,6 +555,7 @@ def resolve_vocab(name: str, cache_dir: Optional[PathLike] = None) -> Path:
         if not cache.check_entry(entry):
             return entry / VOCAB_FILE
         if not vocab.is_file():
+            owned.make_dirs(s.cache_dir, vocab.parent)
             download(f"{s.hub_url}/{model.name}/{VOCAB_FILE}", vocab, sha256=model.vocab_sha256,
                      max_bytes=model.max_bytes(VOCAB_FILE))
         atomic_write_json(tokenizer_config, {"do_lower_case": model.do_lower_case})
@@ -595,14 +600,16 @@ def _convert_into(model: HubModel, s: Settings, downloads: Path, fetched: Dict[s
         out = staging / model.name
         try:
             convert(downloads / model.weights, downloads / CONFIG_FILE, out, vocab=downloads / VOCAB_FILE, force=True)
+        except owned.WriteFailed:  # a full disk, not bad hub bytes: reported as a cache write error
+            raise
         except ValueError as e:  # ConversionError: the downloaded bytes are bad; fetch afresh next time
-            _remove_downloads(downloads)
+            _remove_downloads(s.cache_dir, downloads)
             raise HubError(f"{model.name}: cannot convert the hub files from {s.hub_url}/{model.name}/: {e}") from e
         if not (out / VOCAB_FILE).is_file():
-            shutil.copyfile(downloads / VOCAB_FILE, out / VOCAB_FILE)
+            copy_file(downloads / VOCAB_FILE, out / VOCAB_FILE, "vocab", MAX_VOCAB_BYTES)
         if not (out / "tokenizer_config.json").is_file():  # lets HF tokenizers load the dir with the right casing
             atomic_write_json(out / "tokenizer_config.json", {"do_lower_case": model.do_lower_case})
         cache.write_manifest(out, model.name, {"hub_url": s.hub_url, "files": fetched})
         cache.install_dir(out, entry)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        cache.remove_tree(s.cache_dir, staging)
