@@ -19,6 +19,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
+from converters.files import NotARegularFile, open_regular
+from converters.text import shown
+
 IGNORE = -100  # label id the loss and the metric skip (torch's cross_entropy default ignore_index)
 DOCSTART = "-DOCSTART-"
 PathLike = Union[str, os.PathLike]
@@ -67,15 +70,15 @@ class Features:
 # --- reading files --------------------------------------------------------------------------------
 def read_lines(path: PathLike, encoding: str = "utf-8") -> List[str]:
     """All lines of a text file; errors become one-line ValueErrors naming the file."""
-    try:
-        with open(path, encoding=encoding) as f:
-            return f.read().splitlines()
+    try:  # a regular file only: a FIFO would block, /dev/zero never end
+        with open_regular(path, None, "data file") as f:
+            return f.read().decode(encoding).splitlines()
+    except NotARegularFile as e:
+        raise ValueError(shown(str(e), 400)) from e
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from e
-    except IsADirectoryError as e:
-        raise ValueError(f"{path}: is a directory, expected a file") from e
+        raise ValueError(f"{shown(path)}: not UTF-8 text (bad byte at offset {e.start})") from e
     except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from e
+        raise ValueError(f"{shown(path)}: cannot read ({e.strerror or e})") from e
 
 
 def read_conll(path: PathLike, require_tags: bool = True) -> List[Sentence]:

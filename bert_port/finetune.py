@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from converters.atomic import atomic_write_text
+from converters.owned import output_dir
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
@@ -158,7 +159,7 @@ def run_train(args, log) -> dict:
             raise UsageError(f"--max-seq-length {max_seq_length} exceeds the model's max_position_embeddings ({limit})")
         config = TrainConfig.from_args(args, task=task.name, max_seq_length=max_seq_length)
         if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+            output_dir(out)
         log(f"{task.name}: {len(train_examples)} train / {len(dev_examples)} dev examples, {len(labels)} labels, "
             f"{ctx.world_size} process(es) on {ctx.device}, global batch "
             f"{args.batch_size * ctx.world_size * args.grad_accum}")

@@ -457,7 +457,9 @@ def _stream(r: requests.Response, part: _Part, total: Optional[int], quiet: bool
     if read1 and total is not None:
         _read_to_close(r)
     chunks = iter(lambda: read1(CHUNK), b"") if read1 else r.iter_content(CHUNK)
-    with bar, open(part.path, "ab") as f:
+    # O_NOFOLLOW: a link planted at the .part name is refused, never appended through
+    fd = os.open(part.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with bar, open(fd, "ab") as f:
         for chunk in chunks:
             if total is not None and part.size + len(chunk) > total:
                 part.reset()

@@ -169,13 +169,21 @@ def replaceable_files(paths: Iterable[PathLike], force: bool) -> List[Path]:
     return existing
 
 
-def parent_dir(path: PathLike) -> Path:
-    """Create the directory an output file goes into (the user's choice: links followed), one line on failure."""
-    parent = Path(path).parent
+def output_dir(directory: PathLike) -> Path:
+    """Create a directory the user named for outputs (and its parents: the user's choice, links
+    followed); a ConversionError line when it cannot be, or is not a directory."""
+    directory = Path(directory)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        pass
     except OSError as e:
-        raise ConversionError(f"{shown(os.fspath(parent))}: cannot create directory ({e.strerror or e})") from e
-    if not parent.is_dir():
-        raise ConversionError(f"{shown(os.fspath(parent))}: not a directory")
-    return parent
+        raise write_error(directory, e, "create directory") from e
+    if not directory.is_dir():
+        raise ConversionError(f"{shown(os.fspath(directory))}: exists and is not a directory")
+    return directory
+
+
+def parent_dir(path: PathLike) -> Path:
+    """Create the directory an output file goes into (see `output_dir`)."""
+    return output_dir(Path(path).parent)
