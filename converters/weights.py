@@ -16,6 +16,17 @@ if TYPE_CHECKING:
 PathLike = Union[str, os.PathLike]
 
 
+def _mappable_zip(path: Path) -> bool:
+    """A zip archive whose records are all stored uncompressed (what torch.save writes)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
 def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
@@ -118,8 +129,9 @@ def load_weights(path: PathLike) -> Dict[str, "torch.Tensor"]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        # mmap (zero-copy, copy-on-write) needs the zip format of torch >= 1.6; older files are read.
-        state_dict = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        # mmap (zero-copy, copy-on-write) needs the zip format of torch >= 1.6 with every record stored:
+        # torch maps a compressed record's bytes as they are (silently wrong numbers); others are read.
+        state_dict = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_mappable_zip(path))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such weights file") from None
     except Exception as e:  # safetensors, zipfile and the weights-only unpickler raise many types
