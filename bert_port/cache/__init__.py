@@ -111,6 +111,7 @@ def check_entry(entry: Path, *, full: bool = False) -> List[str]:
     Cheap by default: a stat per file, re-hashing only files whose mtime moved (then the manifest
     is refreshed so the next check is cheap again). `full=True` re-hashes every file.
     """
+    entry = Path(entry)
     if not os.path.lexists(entry):
         return ["missing"]
     if entry.is_symlink() or not entry.is_dir():
