@@ -106,12 +106,18 @@ def gen_mge_pickle(rng: Random, box: Box, n: int) -> List[dict]:
         else:
             data = mutate_pickle(base[name], rng)
         (d / "w.pkl").write_bytes(data)
-        if i % 4 == 0:
-            cases.append(cli(d, f"mge-cli-{i}", "converters.mge2torch", d / "w.pkl", "--config", MGE / "bert_config.json",
-                             "--out", d / "out", must_fail=False))
-        else:
-            cases.append(call(d, f"mge-{i}", "converters.mge_pickle:load_mge_pickle", d / "w.pkl"))
+        cases.append(reader_or_cli(d, i, "mge", d / "w.pkl", "converters.mge_pickle:load_mge_pickle",
+                                   ("converters.mge2torch", MGE / "bert_config.json")))
     return cases
+
+
+def reader_or_cli(d: Path, i: int, tag: str, src: Path, reader: str, command: tuple) -> dict:
+    """Every fourth case goes through the command line `(module, config)` (which may accept what
+    it reads), the rest through the reader."""
+    if i % 4 == 0:
+        module, config = command
+        return cli(d, f"{tag}-cli-{i}", module, src, "--config", config, "--out", d / "out", must_fail=False)
+    return call(d, f"{tag}-{i}", reader, src)
 
 
 # ------------------------------------------------------------------------------ TF bundle
@@ -152,11 +158,8 @@ def gen_tf_bundle(rng: Random, box: Box, n: int) -> List[dict]:
             entries[j] = (entries[j][0], proto.encode_entry(dtype, tuple(shape), offset, size, e.crc32c or 0))
         (d / "ckpt.index").write_bytes(build_table(entries))
         (d / "ckpt.data-00000-of-00001").write_bytes(data)
-        if i % 4 == 0:
-            cases.append(cli(d, f"tf-cli-{i}", "converters.tf2torch", d / "ckpt", "--config", TF / "bert_config.json",
-                             "--out", d / "out", must_fail=False))
-        else:
-            cases.append(call(d, f"tf-{i}", "converters.tf_checkpoint:load_tf_checkpoint", d / "ckpt"))
+        cases.append(reader_or_cli(d, i, "tf", d / "ckpt", "converters.tf_checkpoint:load_tf_checkpoint",
+                                   ("converters.tf2torch", TF / "bert_config.json")))
     return cases
 
 
@@ -327,24 +330,23 @@ def gen_tokenizer_config(rng: Random, box: Box, n: int) -> List[dict]:
     return cases
 
 
+VOCABS = [
+    lambda rng: b"a\n" * rng.choice([1_000_000, 3_000_000]),  # millions of tiny records under the byte cap
+    lambda rng: b"[PAD]\n\xff\xfe\x00bad\n",
+    lambda rng: (MARK * 10_000_000).encode()[: rng.choice([1 << 20, 8 << 20])],  # one long line
+    lambda rng: b"[PAD]\r\n[UNK]\r\nx\x00y\n" * 1000,
+    lambda rng: ("\n".join(["[PAD]", "[UNK]"] + ["dup"] * 10_000) + "\n").encode(),
+]
+
+
+def _file_case(d: Path, name: str, data: bytes, cid: str, target: str) -> dict:
+    (d / name).write_bytes(data)
+    return call(d, cid, target, d / name)
+
+
 def gen_vocab(rng: Random, box: Box, n: int) -> List[dict]:
-    cases = []
-    for i in range(n):
-        d = box()
-        kind = rng.randrange(5)
-        if kind == 0:  # millions of tiny records under the byte cap
-            data = b"a\n" * rng.choice([1_000_000, 3_000_000])
-        elif kind == 1:
-            data = b"[PAD]\n\xff\xfe\x00bad\n"
-        elif kind == 2:
-            data = (MARK * 10_000_000).encode()[: rng.choice([1 << 20, 8 << 20])]
-        elif kind == 3:
-            data = b"[PAD]\r\n[UNK]\r\nx\x00y\n" * 1000
-        else:
-            data = ("\n".join(["[PAD]", "[UNK]"] + ["dup"] * 10_000) + "\n").encode()
-        (d / "vocab.txt").write_bytes(data)
-        cases.append(call(d, f"vocab-{i}", "bert_port.tokenization:load_vocab", d / "vocab.txt"))
-    return cases
+    return [_file_case(box(), "vocab.txt", rng.choice(VOCABS)(rng), f"vocab-{i}", "bert_port.tokenization:load_vocab")
+            for i in range(n)]
 
 
 def gen_manifest(rng: Random, box: Box, n: int) -> List[dict]:
@@ -377,27 +379,20 @@ def gen_manifest(rng: Random, box: Box, n: int) -> List[dict]:
 
 
 # ------------------------------------------------------------------------------ fine-tuning data
+DATA = [
+    lambda rng: b"w O\n" * rng.choice([100_000, 300_000]),  # one long sentence; ~300 B of Python objects per token
+    lambda rng: b"EU B-ORG\n\xff\xfe rejects O\n",
+    lambda rng: ("w " + " ".join([MARK] * 50_000) + "\n").encode(),
+    lambda rng: ("w B-" + HOSTILE_TEXT + "\n\n").encode(),
+    lambda rng: b"a\tb\tc\n" + b"x\x00y\t1\n" * 1000,
+    lambda rng: b"-DOCSTART- -X- O O\n\n" * 10_000,
+]
+
+
 def gen_finetune_data(rng: Random, box: Box, n: int) -> List[dict]:
-    cases = []
-    for i in range(n):
-        d = box()
-        kind = rng.randrange(6)
-        if kind == 0:
-            data = b"w O\n" * rng.choice([100_000, 300_000])  # ~300 B of Python objects per token
-        elif kind == 1:
-            data = b"EU B-ORG\n\xff\xfe rejects O\n"
-        elif kind == 2:
-            data = ("w " + " ".join([MARK] * 50_000) + "\n").encode()
-        elif kind == 3:
-            data = ("w B-" + HOSTILE_TEXT + "\n\n").encode()
-        elif kind == 4:
-            data = b"a\tb\tc\n" + b"x\x00y\t1\n" * 1000
-        else:
-            data = b"-DOCSTART- -X- O O\n\n" * 10_000
-        (d / "data.txt").write_bytes(data)
-        reader = rng.choice(["read_conll", "read_glue_tsv", "read_text"])
-        cases.append(call(d, f"data-{reader}-{i}", f"bert_port.data:{reader}", d / "data.txt"))
-    return cases
+    readers = [rng.choice(["read_conll", "read_glue_tsv", "read_text"]) for _ in range(n)]
+    return [_file_case(box(), "data.txt", rng.choice(DATA)(rng), f"data-{r}-{i}", f"bert_port.data:{r}")
+            for i, r in enumerate(readers)]
 
 
 GENERATORS = {"mge_pickle": gen_mge_pickle, "tf_bundle": gen_tf_bundle, "safetensors": gen_safetensors,

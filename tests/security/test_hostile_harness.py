@@ -115,16 +115,7 @@ def kind_case(box: Path, base: dict, cmd: str, inp: str, kind: str) -> dict:
     cid = f"kind-{cmd}-{inp.replace('/', '_')}-{kind}"
     out = box / "out"
     if cmd in ("mge2torch", "tf2torch"):
-        src = local("w.pkl", MGE / "hub_bert.pkl") if cmd == "mge2torch" else box / "ckpt"
-        if cmd == "tf2torch":
-            for f in (TF / "tf1").iterdir():
-                shutil.copyfile(f, box / f.name.replace("bert_model.ckpt", "ckpt"))
-        files = {"src": src, "config": local("config.json", (MGE if cmd == "mge2torch" else TF) / "bert_config.json"),
-                 "vocab": local("vocab.txt", base["model"] / "vocab.txt"), "index": box / "ckpt.index",
-                 "data": box / "ckpt.data-00000-of-00001"}
-        make_special(files[inp], kind)
-        return G.cli(box, cid, f"converters.{cmd}", src, "--config", files["config"], "--vocab", files["vocab"],
-                     "--out", out)
+        return _import_case(box, base, cmd, inp, kind)
     if cmd in ("torch2mge", "torch2tf"):  # they read the weights only: a special config.json is never opened
         return G.cli(box, cid, f"converters.{cmd}", model, "--out", out / ("m.pkl" if cmd == "torch2mge" else "ckpt"),
                      must_fail="config.json" not in inp)
@@ -148,6 +139,24 @@ def kind_case(box: Path, base: dict, cmd: str, inp: str, kind: str) -> dict:
     (entry / "config.json").write_text("{}")
     make_special(entry / "bert_port_manifest.json", kind)
     return G.cli(box, cid, "bert_port.cache", "--cache-dir", box / "cache", "verify", "tiny_L-2_H-32_A-4", report=True)
+
+
+def _import_case(box: Path, base: dict, cmd: str, inp: str, kind: str) -> dict:
+    """mge2torch / tf2torch with one of source, shard, --config, --vocab special."""
+    if cmd == "mge2torch":
+        src = box / "w.pkl"
+        shutil.copyfile(MGE / "hub_bert.pkl", src)
+    else:
+        src = box / "ckpt"
+        for f in (TF / "tf1").iterdir():
+            shutil.copyfile(f, box / f.name.replace("bert_model.ckpt", "ckpt"))
+    files = {"src": src, "config": box / "config.json", "vocab": box / "vocab.txt", "index": box / "ckpt.index",
+             "data": box / "ckpt.data-00000-of-00001"}
+    shutil.copyfile((MGE if cmd == "mge2torch" else TF) / "bert_config.json", files["config"])
+    shutil.copyfile(base["model"] / "vocab.txt", files["vocab"])
+    make_special(files[inp], kind)
+    return G.cli(box, f"kind-{cmd}-{inp}-{kind}", f"converters.{cmd}", src, "--config", files["config"],
+                 "--vocab", files["vocab"], "--out", box / "out")
 
 
 @pytest.fixture(scope="module")
