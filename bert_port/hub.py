@@ -344,7 +344,10 @@ def download(
     deadline_s = s.download_timeout if deadline_s is None else deadline_s
     limits = _Limits(url, max_bytes, time.monotonic() + deadline_s, deadline_s)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        owned.parent_dir(dest)
+    except ValueError as e:  # owned's ConversionError: not a directory, cannot be created
+        raise HubError(str(e)) from e
     part = _Part(dest.with_name(dest.name + ".part"), max_bytes)
     with contextlib.ExitStack() as stack:
         if session is None:
