@@ -10,6 +10,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, Mapping, Tuple, Union
 
+from converters.text import shown
+
 if TYPE_CHECKING:
     import torch
 
@@ -110,7 +112,7 @@ def open_weights(path: PathLike) -> Mapping[str, "torch.Tensor"]:
         raise ValueError(f"{path}: no such weights file") from None
     except Exception as e:  # the safetensors header parser raises its own types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot load weights ({first_line})") from e
+        raise ValueError(f"{shown(path)}: cannot load weights ({shown(first_line)})") from e
     return load_weights(path)
 
 
@@ -136,7 +138,7 @@ def load_weights(path: PathLike) -> Dict[str, "torch.Tensor"]:
         raise ValueError(f"{path}: no such weights file") from None
     except Exception as e:  # safetensors, zipfile and the weights-only unpickler raise many types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot load weights ({first_line})") from e
+        raise ValueError(f"{shown(path)}: cannot load weights ({shown(first_line)})") from e
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):
