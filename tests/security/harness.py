@@ -241,8 +241,8 @@ def check(case: dict, r: dict) -> Optional[str]:
         return f"peak RSS grew by {r['peak_growth'] >> 20} MiB"
     if r["outside_changes"]:
         return f"changed outside its sandbox: {r['outside_changes'][:3]}"
-    for stream in ("stdout", "stderr"):
-        text = r[stream]
+    for stream in ("stdout", "stderr", "message"):  # what a command prints, and what an error would
+        text = r.get(stream, "")
         if MARK * 201 in text:
             return f"{stream} echoes more than 200 characters of an untrusted string"
         if any(ch in text for ch in "\x1b\x00\x07\x08\r"):
