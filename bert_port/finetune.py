@@ -27,6 +27,7 @@ from typing import List, Optional
 
 from converters.atomic import atomic_write_text
 from converters.owned import output_dir
+from converters.text import shown
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
@@ -283,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         if args.debug:
             raise
-        _err(f"{prefix}{parser.prog} {args.command}: error: {e}")
+        _err(f"{prefix}{parser.prog} {args.command}: error: {shown(str(e), 1000)}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err(f"{prefix}interrupted")
@@ -295,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = text[0] if text else ""
         if not isinstance(e, (ValueError, OSError)) or not message:
             message = f"{type(e).__name__}: {message}".rstrip(": ")
-        _err(f"{prefix}error: {message}")
+        _err(f"{prefix}error: {shown(message, 1000)}")
         return EXIT_ERROR
 
 

@@ -559,8 +559,8 @@ def resolve_vocab(name: str, cache_dir: Optional[PathLike] = None) -> Path:
     with _cache_errors(model, s), cache.lock(s.cache_dir / f"{model.name}.lock", model.name):
         if not cache.check_entry(entry):
             return entry / VOCAB_FILE
+        owned.make_dirs(s.cache_dir, vocab.parent)  # never through a link below the cache root
         if not vocab.is_file():
-            owned.make_dirs(s.cache_dir, vocab.parent)
             download(f"{s.hub_url}/{model.name}/{VOCAB_FILE}", vocab, sha256=model.vocab_sha256,
                      max_bytes=model.max_bytes(VOCAB_FILE))
         atomic_write_json(tokenizer_config, {"do_lower_case": model.do_lower_case})

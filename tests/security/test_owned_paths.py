@@ -250,3 +250,33 @@ def test_save_vocabulary_replaces_a_link_instead_of_writing_through_it(tmp_path,
     before = tree(victim)
     BertTokenizer(str(tmp_path / "v.txt")).save_vocabulary(out)
     assert tree(victim) == before and not (out / "vocab.txt").is_symlink()
+
+
+def test_a_waiter_after_remove_holds_the_lock_on_the_live_file(tmp_path):
+    """`remove` unlinks the lock file while holding it: a process that was waiting must not end up
+    holding a lock on the unlinked file while a newcomer locks a fresh one."""
+    import fcntl
+    import threading
+
+    path = tmp_path / "m.lock"
+    acquired, release = threading.Event(), threading.Event()
+
+    def waiter():
+        with cache.lock(path, "m"):
+            acquired.set()
+            release.wait(10)
+
+    with cache.lock(path, "m"):
+        t = threading.Thread(target=waiter)
+        t.start()
+        assert not acquired.wait(0.3)  # blocked behind us
+        cache.remove_lock(path)
+    assert acquired.wait(10)
+    fd = os.open(path, os.O_RDWR)  # the waiter re-created and locked the file at the path
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+        release.set()
+        t.join(10)
