@@ -36,7 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 from bert_port import data as D
 from bert_port._finetune_dist import DistContext
 from bert_port._finetune_tasks import TASKS
-from bert_port.io import atomic_write_text
+from bert_port.io import atomic_path, atomic_write_text
 from bert_port.optimization import BertAdam, adamw_with_warmup, bert_param_groups
 
 PLOT_NAME = "training.png"
@@ -120,7 +120,8 @@ def plot(history: "History", path: Path, log: Callable[[str], None]) -> None:
     b.plot(epochs, [e["dev"]["f1"] for e in history.epochs], "o-")
     b.set(xlabel="epoch", ylabel="dev F1", title="dev F1", ylim=(0, 1.02), xticks=epochs)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:  # a link at `path` is replaced, never written through
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -19,6 +19,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
+from converters.files import NotARegularFile, open_regular
+from converters.text import shown
+
 IGNORE = -100  # label id the loss and the metric skip (torch's cross_entropy default ignore_index)
 DOCSTART = "-DOCSTART-"
 PathLike = Union[str, os.PathLike]
@@ -67,15 +70,15 @@ class Features:
 # --- reading files --------------------------------------------------------------------------------
 def read_lines(path: PathLike, encoding: str = "utf-8") -> List[str]:
     """All lines of a text file; errors become one-line ValueErrors naming the file."""
-    try:
-        with open(path, encoding=encoding) as f:
-            return f.read().splitlines()
+    try:  # a regular file only: a FIFO would block, /dev/zero never end
+        with open_regular(path, None, "data file") as f:
+            return f.read().decode(encoding).splitlines()
+    except NotARegularFile as e:
+        raise ValueError(shown(str(e), 400)) from e
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from e
-    except IsADirectoryError as e:
-        raise ValueError(f"{path}: is a directory, expected a file") from e
+        raise ValueError(f"{shown(path)}: not UTF-8 text (bad byte at offset {e.start})") from e
     except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from e
+        raise ValueError(f"{shown(path)}: cannot read ({e.strerror or e})") from e
 
 
 def read_conll(path: PathLike, require_tags: bool = True) -> List[Sentence]:
@@ -96,7 +99,7 @@ def read_conll(path: PathLike, require_tags: bool = True) -> List[Sentence]:
                 words, tags = [], []
             continue
         if len(cols) < 2 and require_tags:
-            raise ValueError(f"{path}:{lineno}: expected 'token ... tag' (at least 2 columns), got {line.strip()!r}")
+            raise ValueError(f"{path}:{lineno}: expected 'token ... tag' (at least 2 columns), got {shown(repr(line.strip()))}")
         widths.add(len(cols) >= 2)
         if len(widths) > 1:
             raise ValueError(f"{path}:{lineno}: some lines carry a tag and others do not")
@@ -135,7 +138,7 @@ def read_glue_tsv(path: PathLike, require_labels: bool = True) -> List[PairExamp
     b = next((header.index(c) for c in _B_COLS if c in header), None)
     y = next((header.index(c) for c in _LABEL_COLS if c in header), None)
     if a is None or (y is None and require_labels):
-        raise ValueError(f"{path}: header {header!r} lacks a text column ({' / '.join(TEXT_A_COLUMNS)})"
+        raise ValueError(f"{path}: header {shown(repr(header))} lacks a text column ({' / '.join(TEXT_A_COLUMNS)})"
                          + ("" if y is not None else f" or a label column ({' / '.join(_LABEL_COLS)})"))
     need = max(i for i in (a, b, y) if i is not None) + 1
     out = []
@@ -176,7 +179,7 @@ def label_map_from_config(config) -> List[str]:
     try:
         by_id = {int(k): str(v) for k, v in id2label.items()}
     except (TypeError, ValueError):
-        raise ValueError(f"the model's id2label has non-integer ids: {sorted(id2label)[:5]}") from None
+        raise ValueError(f"the model's id2label has non-integer ids: {shown(repr(sorted(id2label)[:5]))}") from None
     if sorted(by_id) != list(range(len(by_id))):
         raise ValueError(f"the model's id2label ids are not 0..{len(by_id) - 1}")
     return [by_id[i] for i in range(len(by_id))]
@@ -210,7 +213,7 @@ def encode_tagged(words: Sequence[str], tags: Optional[Sequence[str]], tokenizer
         tag_id = IGNORE
         if tags is not None:
             if label2id is None or tags[i] not in label2id:
-                raise ValueError(f"tag {tags[i]!r} is not in the label map")
+                raise ValueError(f"tag {shown(repr(tags[i]))} is not in the label map")
             tag_id = label2id[tags[i]]
         starts.append(len(pieces))
         pieces.extend(word_pieces)

@@ -21,6 +21,8 @@ from torch import nn
 
 from bert_port.heads import MODEL_CLASSES
 from converters.atomic import atomic_path
+from converters.owned import replaceable_files
+from converters.text import shown
 from converters.files import CONFIG_NAME, load_json
 
 INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
@@ -121,10 +123,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
-        if out.exists() and not args.force:
-            raise ValueError(f"{out}: exists (use --force to replace it)")
+        replaceable_files([out], args.force)  # an existing --out only with --force, and only a regular file
         if not out.parent.is_dir():
-            raise ValueError(f"{out.parent}: no such directory")
+            raise ValueError(f"{shown(out.parent)}: no such directory")
         local = Path(args.model) if Path(args.model).is_dir() else None
         head = args.head or _head_of(local)
         model = MODEL_CLASSES[head].from_pretrained(args.model).eval()
@@ -133,9 +134,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for expected failures; --debug for the rest
         if args.debug:
             raise
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        print(f"error: {shown(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 1000)}",
+              file=sys.stderr)
         return 1
-    print(f"wrote {out} ({head}, {args.exporter} exporter, opset {args.opset}, dynamic batch and sequence axes)")
+    print(f"wrote {shown(out)} ({head}, {args.exporter} exporter, opset {args.opset}, dynamic batch and sequence axes)")
     if worst is None:
         print("parity: onnxruntime is not installed; `pip install onnxruntime` to check the export")
         return 0

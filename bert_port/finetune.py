@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from converters.atomic import atomic_write_text
+from converters.owned import output_dir
+from converters.text import shown
+
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
@@ -156,7 +160,7 @@ def run_train(args, log) -> dict:
             raise UsageError(f"--max-seq-length {max_seq_length} exceeds the model's max_position_embeddings ({limit})")
         config = TrainConfig.from_args(args, task=task.name, max_seq_length=max_seq_length)
         if ctx.is_main:
-            out.mkdir(parents=True, exist_ok=True)
+            output_dir(out)
         log(f"{task.name}: {len(train_examples)} train / {len(dev_examples)} dev examples, {len(labels)} labels, "
             f"{ctx.world_size} process(es) on {ctx.device}, global batch "
             f"{args.batch_size * ctx.world_size * args.grad_accum}")
@@ -226,10 +230,7 @@ def run_predict(args, log) -> None:
     if out_file is None:
         sys.stdout.write(text)
     else:
-        try:
-            out_file.write_text(text, encoding="utf-8")
-        except OSError as e:
-            raise ValueError(f"{out_file}: cannot write ({e.strerror or e})") from e
+        atomic_write_text(out_file, text)  # whole or nothing; a link there is replaced, not followed
     gold = [e.tags if task.name == "tag" else e.label for e in examples]
     if examples and None not in gold and (task.name == "tag" or set(gold) <= set(labels)):
         scores = task.score(examples, predicted, labels).scores()
@@ -283,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         if args.debug:
             raise
-        _err(f"{prefix}{parser.prog} {args.command}: error: {e}")
+        _err(f"{prefix}{parser.prog} {args.command}: error: {shown(str(e), 1000)}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         _err(f"{prefix}interrupted")
@@ -295,7 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = text[0] if text else ""
         if not isinstance(e, (ValueError, OSError)) or not message:
             message = f"{type(e).__name__}: {message}".rstrip(": ")
-        _err(f"{prefix}error: {message}")
+        _err(f"{prefix}error: {shown(message, 1000)}")
         return EXIT_ERROR
 
 

@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import urllib.parse
-import shutil
 import stat
 import sys
 import time
@@ -37,8 +36,10 @@ import requests
 import urllib3
 
 from bert_port import cache
+from converters import owned
 from converters.atomic import atomic_write_json, temp_dir_beside
 from converters.files import open_regular
+from converters.output import copy_file
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +344,10 @@ def download(
     deadline_s = s.download_timeout if deadline_s is None else deadline_s
     limits = _Limits(url, max_bytes, time.monotonic() + deadline_s, deadline_s)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        owned.parent_dir(dest)
+    except ValueError as e:  # owned's ConversionError: not a directory, cannot be created
+        raise HubError(str(e)) from e
     part = _Part(dest.with_name(dest.name + ".part"), max_bytes)
     with contextlib.ExitStack() as stack:
         if session is None:
@@ -456,7 +460,9 @@ def _stream(r: requests.Response, part: _Part, total: Optional[int], quiet: bool
     if read1 and total is not None:
         _read_to_close(r)
     chunks = iter(lambda: read1(CHUNK), b"") if read1 else r.iter_content(CHUNK)
-    with bar, open(part.path, "ab") as f:
+    # O_NOFOLLOW: a link planted at the .part name is refused, never appended through
+    fd = os.open(part.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    with bar, open(fd, "ab") as f:
         for chunk in chunks:
             if total is not None and part.size + len(chunk) > total:
                 part.reset()
@@ -509,26 +515,29 @@ def _cache_errors(model: HubModel, s: Settings) -> Iterator[None]:
         raise
     except OSError as e:
         raise HubError(f"{model.name}: cannot write to the cache {s.cache_dir}: {e.strerror or e}") from e
+    except (owned.UnsafePath, owned.WriteFailed) as e:  # a link inside the cache root, a full disk
+        raise HubError(f"{model.name}: cache {s.cache_dir}: {e}") from e
 
 
 def _fill(model: HubModel, s: Settings, entry: Path) -> None:
     """Download and convert under the lock. Downloads are kept only to resume a broken connection."""
     downloads = s.cache_dir / cache.DOWNLOADS / model.name
     existed = downloads.exists()
+    owned.make_dirs(s.cache_dir, downloads)  # never through a link: `downloads` may not lead outside the root
     try:
         fetched = _fetch_all(model, s, downloads)
         _convert_into(model, s, downloads, fetched, entry)
     except Exception as e:
         if not existed and not getattr(e, "resumable", False):
-            _remove_downloads(downloads)  # leave the cache as it was
+            _remove_downloads(s.cache_dir, downloads)  # leave the cache as it was
         raise
-    _remove_downloads(downloads)
+    _remove_downloads(s.cache_dir, downloads)
 
 
-def _remove_downloads(downloads: Path) -> None:
-    shutil.rmtree(downloads, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        downloads.parent.rmdir()  # only if no other model is mid-download
+def _remove_downloads(root: Path, downloads: Path) -> None:
+    cache.remove_tree(root, downloads)
+    with contextlib.suppress(OSError, ValueError):
+        owned.contained(root, downloads.parent).rmdir()  # only if no other model is mid-download
 
 
 def resolve_vocab(name: str, cache_dir: Optional[PathLike] = None) -> Path:
@@ -550,6 +559,7 @@ def resolve_vocab(name: str, cache_dir: Optional[PathLike] = None) -> Path:
     with _cache_errors(model, s), cache.lock(s.cache_dir / f"{model.name}.lock", model.name):
         if not cache.check_entry(entry):
             return entry / VOCAB_FILE
+        owned.make_dirs(s.cache_dir, vocab.parent)  # never through a link below the cache root
         if not vocab.is_file():
             download(f"{s.hub_url}/{model.name}/{VOCAB_FILE}", vocab, sha256=model.vocab_sha256,
                      max_bytes=model.max_bytes(VOCAB_FILE))
@@ -596,14 +606,16 @@ def _convert_into(model: HubModel, s: Settings, downloads: Path, fetched: Dict[s
         try:
             options = ConvertOptions(downloads / CONFIG_FILE, out, vocab=downloads / VOCAB_FILE, force=True)
             convert_file("megengine", downloads / model.weights, options)
+        except owned.WriteFailed:  # a full disk, not bad hub bytes: reported as a cache write error
+            raise
         except ValueError as e:  # ConversionError: the downloaded bytes are bad; fetch afresh next time
-            _remove_downloads(downloads)
+            _remove_downloads(s.cache_dir, downloads)
             raise HubError(f"{model.name}: cannot convert the hub files from {s.hub_url}/{model.name}/: {e}") from e
         if not (out / VOCAB_FILE).is_file():
-            shutil.copyfile(downloads / VOCAB_FILE, out / VOCAB_FILE)
+            copy_file(downloads / VOCAB_FILE, out / VOCAB_FILE, "vocab", MAX_VOCAB_BYTES)
         if not (out / "tokenizer_config.json").is_file():  # lets HF tokenizers load the dir with the right casing
             atomic_write_json(out / "tokenizer_config.json", {"do_lower_case": model.do_lower_case})
         cache.write_manifest(out, model.name, {"hub_url": s.hub_url, "files": fetched})
         cache.install_dir(out, entry)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        cache.remove_tree(s.cache_dir, staging)

@@ -10,6 +10,7 @@ import os
 from typing import TYPE_CHECKING, Dict, Union
 
 from converters.atomic import atomic_path, atomic_write_text
+from converters.owned import write_error
 from converters.weights import load_weights
 
 if TYPE_CHECKING:
@@ -24,7 +25,12 @@ def save_safetensors(state_dict: Dict[str, "torch.Tensor"], path: PathLike) -> N
 
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        except OSError:
+            raise
+        except Exception as e:  # safetensors' Rust writer: SafetensorError("... IoError(Os { code: 28 ..")
+            raise write_error(path, e) from e
 
 
 __all__ = ["atomic_path", "atomic_write_text", "load_weights", "save_safetensors"]

@@ -18,6 +18,7 @@ from torch import nn
 
 from bert_port.config import BertConfig
 from bert_port.io import atomic_write_text, save_safetensors
+from converters.owned import output_dir
 from converters.files import (CONFIG_NAME, CONFIG_NAMES, SAFE_WEIGHTS_NAME, TF_WEIGHTS_NAME, WEIGHTS_NAMES, find_file,
                               weights_file)
 from converters.config import label_maps
@@ -128,10 +129,7 @@ class BertPreTrainedModel(nn.Module):
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
         """Write `config.json` + `model.safetensors`, loadable by bert_port and HF transformers."""
-        save_directory = Path(save_directory)
-        if save_directory.exists() and not save_directory.is_dir():
-            raise ValueError(f"{save_directory}: exists and is not a directory")
-        save_directory.mkdir(parents=True, exist_ok=True)
+        save_directory = output_dir(save_directory)  # ConversionError (a ValueError) if it cannot be
         weights = {k: v for k, v in self.state_dict().items() if k not in TIED_KEYS}
         save_safetensors(weights, save_directory / SAFE_WEIGHTS_NAME)
         config = self.config.to_hf_dict([self.hf_architecture] if self.hf_architecture else None)

@@ -46,6 +46,8 @@ import sys
 import unicodedata
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from converters.atomic import atomic_path
+
 logger = logging.getLogger(__name__)
 
 VOCAB_NAME = "vocab.txt"
@@ -533,7 +535,7 @@ class BertTokenizer:
         """Write the vocabulary to `vocab_path` (a directory -> <dir>/vocab.txt, else that file)."""
         vocab_file = os.path.join(vocab_path, VOCAB_NAME) if os.path.isdir(vocab_path) else os.fspath(vocab_path)
         index = 0
-        with open(vocab_file, "w", encoding="utf-8") as writer:
+        with atomic_path(vocab_file) as tmp, open(tmp, "w", encoding="utf-8") as writer:  # a link there is replaced
             for token_index, token in sorted(self.ids_to_tokens.items()):
                 if index != token_index:
                     logger.warning("Saving vocabulary to %s: vocabulary indices are not consecutive. "

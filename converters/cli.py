@@ -12,6 +12,7 @@ from typing import Callable, NoReturn
 from converters.config import GELU_NAMES
 from converters.convert import ConvertOptions
 from converters.errors import ConversionError
+from converters.text import shown
 
 GELU_HELP = (
     "GELU the converted config asks for. 'tanh' (default) writes hidden_act \"gelu_new\": the tanh "
@@ -56,14 +57,14 @@ def main(p: argparse.ArgumentParser, action: Callable[[argparse.Namespace], dict
         if args.debug:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {shown(message, 1000)}", file=sys.stderr)
         sys.exit(1)
     print_summary(summary)
     sys.exit(0)
 
 
 def print_summary(s: dict) -> None:
-    print(f"converted {s['source']} -> {s['output']}")
+    print(f"converted {shown(s['source'])} -> {shown(s['output'])}")
     if "architecture" in s:
         print(f"  architecture  {s['architecture']} (hidden_act {s['hidden_act']})")
     print(f"  tensors       {s['tensors_converted']} converted, {s['skipped']} skipped "
@@ -71,6 +72,8 @@ def print_summary(s: dict) -> None:
     print(f"  parameters    {s['parameters']:,}")
     if "files" in s:
         print(f"  files         {', '.join(s['files'])}")
+    if s.get("replaced"):
+        print(f"  replaced      {', '.join(shown(n, 60) for n in s['replaced'])} (the previous output, --force)")
     if s["unknown"]:
-        shown = ", ".join(ascii(n) for n in s["unknown"][:8]) + (" ..." if len(s["unknown"]) > 8 else "")
-        print(f"  warning: not converted (names not understood): {shown}")
+        names = ", ".join(shown(ascii(n), 60) for n in s["unknown"][:8]) + (" ..." if len(s["unknown"]) > 8 else "")
+        print(f"  warning: not converted (names not understood): {names}")

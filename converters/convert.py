@@ -21,6 +21,7 @@ from converters.config import ACTIVATIONS, GELU_NAMES, BertConfig, label_maps
 from converters.errors import ConversionError
 from converters.files import CONFIG_NAME, MAX_VOCAB_BYTES, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, weights_file
 from converters.output import copy_file, list_files, output_directory, write_safetensors
+from converters.owned import parent_dir, remove_file, replaceable_files, write_error
 from converters.reader import CheckpointReader
 
 PathLike = Union[str, os.PathLike]
@@ -99,8 +100,8 @@ def convert(reader: CheckpointReader, plan: mapping.Plan, options: ConvertOption
         array = mapping.to_layout(np.asarray(reader.read(src)), layout)
         return array.astype(np.float32, copy=False) if array.dtype.kind == "f" else array
 
-    out_dir = Path(options.out)
-    with output_directory(out_dir, options.force) as tmp:
+    out_dir, replaced = Path(options.out), []
+    with output_directory(out_dir, options.force, replaced) as tmp:
         _write_config(tmp, config, architecture, shapes, options.labels)
         if options.vocab is not None:
             copy_file(Path(options.vocab), tmp / VOCAB_NAME, "vocab", MAX_VOCAB_BYTES)
@@ -112,6 +113,7 @@ def convert(reader: CheckpointReader, plan: mapping.Plan, options: ConvertOption
         "hidden_act": config.hidden_act, "tensors_converted": len(shapes), "skipped": len(plan.skipped),
         "unknown": list(plan.unknown), "parameters": int(sum(int(np.prod(s)) for s in shapes.values())),
         "files": files,
+        "replaced": replaced,
     }
 
 
@@ -148,7 +150,10 @@ def _write_weights(tmp: Path, fmt: str, shapes: Mapping[str, tuple], produce: Ca
 
     tensors = {name: torch.from_numpy(np.array(produce(name))) for name in shapes}
     with atomic_path(tmp / WEIGHTS_NAME) as path:
-        torch.save(tensors, path)
+        try:
+            torch.save(tensors, path)
+        except RuntimeError as e:  # torch's C++ writer: "file write failed" on a full disk
+            raise write_error(tmp / WEIGHTS_NAME, e) from e
 
 
 # source format -> (its reader class as "module:Class", its plan from names and config). Adding a
@@ -214,51 +219,45 @@ def torch_to_mge(model_dir: PathLike, out_file: PathLike, *, force: bool = False
     state = _canonical_state(model_dir)
     plan = mapping.mge_from_canonical(state)
     out = {target: np.ascontiguousarray(state[src], dtype=np.float32) for src, (target, _) in plan.renames.items()}
-    _refuse_existing(out_file, force)
+    replaced = replaceable_files([out_file], force)
+    parent_dir(out_file)
     save_mge_pickle(out, out_file)
-    return _export_summary(model_dir, out_file, plan, out)
+    return _export_summary(model_dir, out_file, plan, out, replaced)
 
 
 def torch_to_tf(model_dir: PathLike, out_prefix: PathLike, *, force: bool = False) -> dict:
     """bert_port/HF directory -> TF1 checkpoint with Google's names (kernels transposed back)."""
-    from converters.tf_checkpoint import write_tf_checkpoint
+    from converters.tf_checkpoint import data_filename, write_tf_checkpoint
 
     state = _canonical_state(model_dir)
     plan = mapping.plan_from_canonical(state)
     out = {target: mapping.to_layout(np.asarray(state[src], dtype=np.float32), layout)
            for src, (target, layout) in plan.renames.items()}
-    _refuse_existing(str(out_prefix) + ".index", force)
+    bundle = _bundle_files(out_prefix)
+    replaced = replaceable_files(bundle, force)  # every file of an existing bundle: ours to replace only with --force
+    parent_dir(out_prefix)
     write_tf_checkpoint(out_prefix, out)
-    _remove_stale_shards(out_prefix)
-    return _export_summary(model_dir, out_prefix, plan, out)
+    written = {Path(str(out_prefix) + ".index"), Path(data_filename(os.fspath(out_prefix), 0, 1))}
+    for stale in replaced:  # an older bundle's other shards would confuse whoever globs the prefix
+        if stale not in written:
+            remove_file(stale.parent, stale)
+    return _export_summary(model_dir, out_prefix, plan, out, replaced)
 
 
-def _remove_stale_shards(prefix: PathLike) -> None:
-    """After --force over an older bundle with more shards: its `.data-NNNNN-of-MMMMM` files (M != 1)
-    would sit next to the new single-shard checkpoint and confuse whoever globs the prefix."""
+def _bundle_files(prefix: PathLike) -> list:
+    """The files of a TF bundle at `prefix` on disk: `.index` and every `.data-NNNNN-of-MMMMM`."""
     import re
 
     prefix = Path(prefix)
-    pattern = re.compile(re.escape(prefix.name) + r"\.data-\d{5}-of-(\d{5})")
-    for f in prefix.parent.iterdir():
-        m = pattern.fullmatch(f.name)
-        if m and m.group(1) != "00001" and f.is_file():
-            f.unlink()
-
-
-def _refuse_existing(path: PathLike, force: bool) -> None:
-    """Refuse to overwrite without --force; create the parent directory otherwise."""
-    if Path(path).exists() and not force:
-        raise ConversionError(f"{path}: already exists (use --force to replace it)")
-    if Path(path).exists() and not Path(path).is_file():  # --force replaces our kind of file only
-        raise ConversionError(f"{path}: exists and is not a regular file; --force will not replace it")
+    pattern = re.compile(re.escape(prefix.name) + r"\.(index|data-\d{5}-of-\d{5})")
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConversionError(f"{Path(path).parent}: cannot create directory ({e.strerror or e})") from e
+        names = sorted(os.listdir(prefix.parent))
+    except OSError:
+        return []
+    return [prefix.parent / n for n in names if pattern.fullmatch(n)]
 
 
-def _export_summary(model_dir, output, plan: mapping.Plan, out: Mapping[str, np.ndarray]) -> dict:
+def _export_summary(model_dir, output, plan: mapping.Plan, out: Mapping[str, np.ndarray], replaced=()) -> dict:
     return {
         "source": str(model_dir),
         "output": str(output),
@@ -266,4 +265,5 @@ def _export_summary(model_dir, output, plan: mapping.Plan, out: Mapping[str, np.
         "skipped": len(plan.skipped),
         "unknown": list(plan.unknown),
         "parameters": int(sum(a.size for a in out.values())),
+        "replaced": [p.name for p in replaced],
     }

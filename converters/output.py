@@ -13,12 +13,14 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Callable, Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from converters.atomic import atomic_directory, atomic_path
 from converters.errors import ConversionError
+from converters.owned import parent_dir
+from converters.text import shown
 from converters.files import CONFIG_NAME, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, NotARegularFile, open_regular
 
 _SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
@@ -31,38 +33,41 @@ _SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", n
 OUTPUT_NAMES = frozenset({CONFIG_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, VOCAB_NAME})
 
 
-def check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace `out_dir` unless every entry in it is a regular file we would write."""
+def check_replaceable(out_dir: Path) -> List[str]:
+    """Refuse to replace `out_dir` unless every entry in it is a regular file we would write;
+    return those entries (to name them to the user)."""
     try:
         entries = list(os.scandir(out_dir))
     except OSError as e:
-        raise ConversionError(f"{out_dir}: cannot list the existing output directory ({e.strerror or e})") from e
+        raise ConversionError(f"{shown(out_dir)}: cannot list the existing output directory ({e.strerror or e})") from e
     foreign = sorted(e.name for e in entries if e.name not in OUTPUT_NAMES or not e.is_file(follow_symlinks=False))
     if foreign:
-        shown = ", ".join(ascii(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise ConversionError(f"{out_dir}: --force replaces only a directory of converter outputs "
-                              f"({', '.join(sorted(OUTPUT_NAMES))}); it also holds {shown}: "
+        names = ", ".join(shown(ascii(n), 60) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConversionError(f"{shown(out_dir)}: --force replaces only a directory of converter outputs "
+                              f"({', '.join(sorted(OUTPUT_NAMES))}); it also holds {names}: "
                               "move those away or choose another --out")
+    return sorted(e.name for e in entries)
 
 
 @contextlib.contextmanager
-def output_directory(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a temp directory that becomes `out_dir` only when the block succeeds."""
+def output_directory(out_dir: Path, force: bool, replaced: Optional[List[str]] = None) -> Iterator[Path]:
+    """Yield a temp directory that becomes `out_dir` only when the block succeeds. An existing
+    `out_dir` is replaced only with `force` and only if it holds nothing but converter outputs
+    (whose names are appended to `replaced`); a link at `out_dir` is replaced, never followed."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ConversionError(f"{out_dir}: output directory already exists (use --force to replace it)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConversionError(f"{out_dir}: exists and is not a directory")
-    if out_dir.exists():
-        check_replaceable(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConversionError(f"{out_dir}: cannot create output directory ({e.strerror or e})") from e
+    exists = os.path.lexists(out_dir)
+    if exists and not force:
+        raise ConversionError(f"{shown(out_dir)}: output directory already exists (use --force to replace it)")
+    if exists and not out_dir.is_dir():
+        raise ConversionError(f"{shown(out_dir)}: exists and is not a directory")
+    old = check_replaceable(out_dir) if exists else []
+    parent_dir(out_dir)
     with atomic_directory(out_dir) as tmp:
         yield tmp
-        if out_dir.exists():
-            check_replaceable(out_dir)  # again: it may have changed during the conversion
+        if os.path.lexists(out_dir):
+            old = check_replaceable(out_dir)  # again: it may have changed during the conversion
+    if replaced is not None:
+        replaced.extend(old)
 
 
 def write_safetensors(path: Path, specs: Sequence[Tuple[str, np.dtype, Tuple[int, ...]]],
@@ -93,9 +98,9 @@ def copy_file(src: Path, dst: Path, what: str, max_bytes: int) -> None:
         with open_regular(src, max_bytes, what) as f, atomic_path(dst) as tmp, open(tmp, "wb") as out:
             shutil.copyfileobj(f, out)
     except NotARegularFile as e:
-        raise ConversionError(str(e)) from e
+        raise ConversionError(shown(str(e), 400)) from e
     except OSError as e:
-        raise ConversionError(f"{src}: cannot read {what} ({e.strerror or e})") from e
+        raise ConversionError(f"{shown(src)}: cannot read {what} ({e.strerror or e})") from e
 
 
 def list_files(directory: Path) -> List[str]:

@@ -23,7 +23,6 @@ Every problem is a `ConversionError` whose message names the file.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 from dataclasses import dataclass
@@ -414,17 +413,14 @@ def write_tf_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Tensor]
     try:
         items = [(b"", proto.encode_header(num_shards=1, producer=_TENSOR_BUNDLE_VERSION))]
         offset = 0
-        with atomic_path(final_data) as tmp, open(tmp, "wb") as f:
-            for key, _name, code, shape, payload in plans:
-                size, crc = _write_payload(f, payload, code)
-                items.append((key, proto.encode_entry(code, shape, offset, size, crc)))
-                offset += size
-        try:
-            with atomic_path(final_index) as tmp, open(tmp, "wb") as f:
+        # both files are complete under temporary names before either is renamed: data, then index
+        with atomic_path(final_index) as tmp_index, atomic_path(final_data) as tmp_data:
+            with open(tmp_data, "wb") as f:
+                for key, _name, code, shape, payload in plans:
+                    size, crc = _write_payload(f, payload, code)
+                    items.append((key, proto.encode_entry(code, shape, offset, size, crc)))
+                    offset += size
+            with open(tmp_index, "wb") as f:
                 f.write(build_table(items))
-        except BaseException:  # do not leave a data shard without its index
-            with contextlib.suppress(OSError):
-                os.remove(final_data)
-            raise
     except OSError as e:
         raise ConversionError(f"{e.filename or prefix}: cannot write TF checkpoint: {e.strerror}") from e

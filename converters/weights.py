@@ -10,10 +10,23 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, Mapping, Tuple, Union
 
+from converters.text import shown
+
 if TYPE_CHECKING:
     import torch
 
 PathLike = Union[str, os.PathLike]
+
+
+def _mappable_zip(path: Path) -> bool:
+    """A zip archive whose records are all stored uncompressed (what torch.save writes)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as z:
+            return all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -99,22 +112,8 @@ def open_weights(path: PathLike) -> Mapping[str, "torch.Tensor"]:
         raise ValueError(f"{path}: no such weights file") from None
     except Exception as e:  # the safetensors header parser raises its own types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot load weights ({first_line})") from e
+        raise ValueError(f"{shown(path)}: cannot load weights ({shown(first_line)})") from e
     return load_weights(path)
-
-
-def _mmap_safe(path: Path) -> bool:
-    """Whether torch.load may map `path` (zero-copy): only a zip whose every record is stored.
-
-    torch's mmap path takes each record's bytes at their offset in the file; a zip re-packed with
-    deflated records (which `torch.load` without mmap reads correctly) would hand back the
-    compressed bytes as numbers. Legacy (non-zip) files are read, never mapped.
-    """
-    try:
-        with zipfile.ZipFile(path) as z:
-            return all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
 
 
 def load_weights(path: PathLike) -> Dict[str, "torch.Tensor"]:
@@ -132,12 +131,14 @@ def load_weights(path: PathLike) -> Dict[str, "torch.Tensor"]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state_dict = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_mmap_safe(path))
+        # mmap (zero-copy, copy-on-write) needs the zip format of torch >= 1.6 with every record stored:
+        # torch maps a compressed record's bytes as they are (silently wrong numbers); others are read.
+        state_dict = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_mappable_zip(path))
     except FileNotFoundError:
         raise ValueError(f"{path}: no such weights file") from None
     except Exception as e:  # safetensors, zipfile and the weights-only unpickler raise many types
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot load weights ({first_line})") from e
+        raise ValueError(f"{shown(path)}: cannot load weights ({shown(first_line)})") from e
     if not isinstance(state_dict, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()
     ):

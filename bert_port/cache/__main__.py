@@ -12,28 +12,39 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bert_port import hub
-from bert_port.cache import (DOWNLOADS, check_entry, entry_names, entry_path, human, invalidate, lock, read_manifest,
+from bert_port.cache import (DOWNLOADS, entry_names, entry_path, entry_state, human, invalidate, lock, remove_lock,
                              remove_tree, sweep_temp_dirs, tree_size)
+from converters.text import shown
 
 
 def _canonical(name: str) -> str:
     return hub.canonical_name(name) if hub.is_known_name(name) else name
 
 
+_DOWNLOAD = "download in progress or interrupted"  # the same words in `list` and `verify`
+
+
+def _describe(name: str, info: dict) -> str:
+    """One line per name, the same words in `list` and `verify`."""
+    state, problems = info["state"], info["problems"]
+    if state in ("corrupt", "not a model", "incomplete") and problems:
+        return f"{'CORRUPT' if state == 'corrupt' else state}: " + "; ".join(problems)
+    return str(state)
+
+
 def _cmd_list(root: Path, args: argparse.Namespace) -> int:
     names = entry_names(root)
     if not names:
-        print(f"(no models in {root})")
+        print(f"(no models in {shown(root)})")
         return 0
-    print(f"cache: {root}")
+    print(f"cache: {shown(root)}")
     for name in names:
-        entry, partial = root / name, root / DOWNLOADS / name
-        if entry.is_dir():
-            problems = check_entry(entry)
-            state = "complete" if not problems else ("incomplete" if read_manifest(entry) is None else "corrupt")
-            print(f"{name:32} {human(tree_size(entry)):>10}  {state}")
-        if partial.is_dir():
-            print(f"{name:32} {human(tree_size(partial)):>10}  download in progress or interrupted")
+        info = entry_state(root, name)
+        if info["state"] is not None:
+            size = tree_size(root / name)
+            print(f"{shown(name):32} {human(size):>10}  {info['state']}")
+        if info["download"]:
+            print(f"{shown(name):32} {human(tree_size(root / DOWNLOADS / name)):>10}  {_DOWNLOAD}")
     return 0
 
 
@@ -42,57 +53,82 @@ def _cmd_remove(root: Path, args: argparse.Namespace) -> int:
     for raw in args.names:
         name = _canonical(raw)
         entry, partial = entry_path(root, name), entry_path(root / DOWNLOADS, name)
-        if not entry.exists() and not partial.exists():
-            print(f"error: {raw}: not in the cache {root}", file=sys.stderr)
+        info = entry_state(root, name)
+        if info["state"] is None and not info["download"]:
+            print(f"error: {shown(raw)}: not in the cache {shown(root)}", file=sys.stderr)
             status = 1
             continue
-        with lock(root / f"{name}.lock", name):
-            size = tree_size(entry) + tree_size(partial)
-            remove_tree(entry)
-            remove_tree(partial)
+        if info["state"] == "not a model" and not entry.is_symlink():  # a link is removed itself, never followed
+            print(f"error: {shown(name)}: not a model ({info['problems'][0]}); remove it yourself if it is not needed",
+                  file=sys.stderr)
+            status = 1
+            continue
+        lock_file = root / f"{name}.lock"
+        with lock(lock_file, name):
+            size = tree_size(entry) + (tree_size(partial) if info["download"] else 0)
+            remove_tree(root, entry)
+            if info["download"]:
+                remove_tree(root, partial)
             sweep_temp_dirs(root, name)
+            remove_lock(lock_file)
         with contextlib.suppress(OSError):
-            partial.parent.rmdir()  # only when no other download is left
-        print(f"removed {name} ({human(size)})")
+            if not (root / DOWNLOADS).is_symlink():
+                (root / DOWNLOADS).rmdir()  # only when no other download is left
+        print(f"removed {shown(name)} ({human(size)})")
     return status
 
 
 def _cmd_verify(root: Path, args: argparse.Namespace) -> int:
-    names = [_canonical(n) for n in args.names] or [n for n in entry_names(root) if (root / n).is_dir()]
+    names = [_canonical(n) for n in args.names] or entry_names(root)
     for name in names:  # all names checked before anything is touched
         entry_path(root, name)
     if not names:
-        print(f"(no models in {root})")
-    bad = []
+        print(f"(no models in {shown(root)})")
+    bad, status = [], 0
     for name in names:
-        if not (root / name).is_dir():
-            print(f"error: {name}: not in the cache {root}", file=sys.stderr)
+        info = entry_state(root, name, full=True)
+        if info["state"] is None and not info["download"]:
+            print(f"error: {shown(name)}: not in the cache {shown(root)}", file=sys.stderr)
             return 1
-        problems = check_entry(root / name, full=True)
-        if not problems:
-            print(f"{name}: ok")
+        if info["download"]:
+            print(f"{shown(name)}: {_DOWNLOAD}")
+            status = status or (1 if args.names and info["state"] != "complete" else 0)
+        if info["state"] is None:
             continue
-        print(f"{name}: CORRUPT: " + "; ".join(problems))
-        bad.append(name)
-        if (root / name).is_dir():
-            with contextlib.suppress(OSError):
+        print(f"{shown(name)}: {'ok' if info['state'] == 'complete' else _describe(name, info)}")
+        if info["state"] == "not a model":
+            status = status or (1 if args.names else 0)  # listed, never touched
+        elif info["state"] != "complete":
+            bad.append(name)
+            with contextlib.suppress(OSError, ValueError):
                 invalidate(root / name)
     if bad and args.fix:
         for name in list(bad):
             if not hub.is_known_name(name):
-                print(f"{name}: not a registered name; left for removal (python -m bert_port.cache remove {name})")
+                print(f"{shown(name)}: not a registered name; left for removal "
+                      f"(python -m bert_port.cache remove {shown(name)})")
                 continue
             hub.resolve(name, cache_dir=root)
-            print(f"{name}: re-fetched")
+            print(f"{shown(name)}: re-fetched")
             bad.remove(name)
     elif bad:
         print("the next load re-fetches these (or run: python -m bert_port.cache verify --fix)")
-    return 1 if bad else 0
+    return 1 if bad else status
 
 
 def _cmd_fetch(root: Path, args: argparse.Namespace) -> int:
+    offline = hub.settings(root).offline
     for name in args.names:
-        print(hub.resolve(name, cache_dir=root))
+        try:
+            print(hub.resolve(name, cache_dir=root))
+        except hub.HubError:
+            if not offline:
+                raise
+            # not resolve's own offline message: that one suggests running this very command
+            print(f"error: {shown(hub.canonical_name(name))}: not in the cache {shown(root)} (or unusable), and "
+                  "BERT_PORT_OFFLINE=1 forbids downloading: `fetch` needs network access; unset BERT_PORT_OFFLINE, "
+                  "or fetch on a connected machine and copy its cache (BERT_PORT_CACHE)", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -114,7 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         root = hub.settings(args.cache_dir).cache_dir
         return commands[args.command](root, args)
     except (OSError, ValueError) as e:  # HubError, ConversionError, bad names and env values
-        print(f"error: {e}", file=sys.stderr)
+        text = str(e).strip()
+        print(f"error: {shown(text.splitlines()[0] if text else type(e).__name__, 1000)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
