@@ -1,0 +1,153 @@
+"""Filling the cache: a pretrained name -> a local directory of the converted model.
+Changes when the cache-filling policy changes (locking, what is kept, how hub files are converted).
+
+`resolve(name)` returns `<cache>/<NAME>/` holding `config.json`, `model.safetensors` and
+`vocab.txt`, downloading the hub files and converting them once; later calls (and other
+processes) reuse the cache without the network. The one call into the converter is
+`_convert_into` below. Cross-process locking uses fcntl.flock, so this is POSIX only.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Sequence
+
+import requests
+
+from bert_port import cache
+from bert_port.hub.client import HubError, download
+from bert_port.hub.registry import CONFIG_FILE, VOCAB_FILE, HubModel, get_model
+from bert_port.hub.settings import PathLike, Settings, settings
+from converters.atomic import atomic_write_json, temp_dir_beside
+
+logger = logging.getLogger("bert_port.hub")
+
+
+def resolve(name: str, cache_dir: Optional[PathLike] = None) -> Path:
+    """The cache directory of `name`'s converted model, downloading and converting it if needed."""
+    model = get_model(name)
+    s = settings(cache_dir)
+    entry = s.cache_dir / model.name
+    problems = cache.check_entry(entry)
+    if not problems:
+        return entry
+    if s.offline:
+        raise HubError(_offline_message(model.name, entry, problems))
+    if problems != ["missing"]:
+        logger.warning("%s: cached copy in %s is unusable (%s); fetching it again", model.name, entry, problems[0])
+    with _cache_errors(model, s), cache.lock(s.cache_dir / f"{model.name}.lock", model.name):
+        if not cache.check_entry(entry):  # another process finished it while we waited
+            return entry
+        cache.sweep_temp_dirs(s.cache_dir, model.name)
+        _fill(model, s, entry)
+    return entry
+
+
+@contextlib.contextmanager
+def _cache_errors(model: HubModel, s: Settings) -> Iterator[None]:
+    """Turn a bare OSError from the cache itself (disk full, permissions) into one naming it."""
+    try:
+        yield
+    except HubError:
+        raise
+    except OSError as e:
+        raise HubError(f"{model.name}: cannot write to the cache {s.cache_dir}: {e.strerror or e}") from e
+
+
+def _fill(model: HubModel, s: Settings, entry: Path) -> None:
+    """Download and convert under the lock. Downloads are kept only to resume a broken connection."""
+    downloads = s.cache_dir / cache.DOWNLOADS / model.name
+    existed = downloads.exists()
+    try:
+        fetched = _fetch_all(model, s, downloads)
+        _convert_into(model, s, downloads, fetched, entry)
+    except Exception as e:
+        if not existed and not getattr(e, "resumable", False):
+            _remove_downloads(downloads)  # leave the cache as it was
+        raise
+    _remove_downloads(downloads)
+
+
+def _remove_downloads(downloads: Path) -> None:
+    shutil.rmtree(downloads, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        downloads.parent.rmdir()  # only if no other model is mid-download
+
+
+def resolve_vocab(name: str, cache_dir: Optional[PathLike] = None) -> Path:
+    """`name`'s vocab.txt, fetching only that file when the model itself is not cached.
+
+    A `tokenizer_config.json` with the model's casing sits beside the returned file either way.
+    """
+    model = get_model(name)
+    s = settings(cache_dir)
+    entry = s.cache_dir / model.name
+    vocab = s.cache_dir / cache.DOWNLOADS / model.name / VOCAB_FILE
+    tokenizer_config = vocab.parent / "tokenizer_config.json"
+    if not cache.check_entry(entry):
+        return entry / VOCAB_FILE
+    if vocab.is_file() and tokenizer_config.is_file():
+        return vocab
+    if s.offline and not vocab.is_file():
+        raise HubError(_offline_message(model.name, entry))
+    with _cache_errors(model, s), cache.lock(s.cache_dir / f"{model.name}.lock", model.name):
+        if not cache.check_entry(entry):
+            return entry / VOCAB_FILE
+        if not vocab.is_file():
+            download(f"{s.hub_url}/{model.name}/{VOCAB_FILE}", vocab, sha256=model.vocab_sha256,
+                     max_bytes=model.max_bytes(VOCAB_FILE))
+        atomic_write_json(tokenizer_config, {"do_lower_case": model.do_lower_case})
+    return vocab
+
+
+def _offline_message(name: str, entry: Path, problems: Sequence[str] = ("missing",)) -> str:
+    where = f"not in the cache ({entry})" if list(problems) == ["missing"] else \
+        f"the cached copy in {entry} is unusable ({problems[0]})"
+    return (
+        f"{name}: {where} and BERT_PORT_OFFLINE=1 forbids downloading; "
+        f"fill the cache once with network access (unset BERT_PORT_OFFLINE, or run "
+        f"`python -m bert_port.cache fetch {name}`), or point BERT_PORT_CACHE at a cache that holds it"
+    )
+
+
+def _fetch_all(model: HubModel, s: Settings, downloads: Path) -> Dict[str, Dict[str, object]]:
+    """Download the hub files (reusing completed ones from an interrupted run); return their records."""
+    records: Dict[str, Dict[str, object]] = {}
+    with requests.Session() as session:
+        for file_name, sha in model.files:
+            url, dest = f"{s.hub_url}/{model.name}/{file_name}", downloads / file_name
+            cap = model.max_bytes(file_name)
+            kept = dest.is_file() and not dest.is_symlink() and dest.stat().st_size <= cap
+            digest = cache.sha256_file(dest) if kept else None
+            if digest is None or (sha is not None and digest != sha.lower()):
+                logger.info("downloading %s", url)
+                digest = download(url, dest, sha256=sha, session=session, max_bytes=cap)
+            records[file_name] = {"url": url, "size": dest.stat().st_size, "sha256": digest}
+    return records
+
+
+def _convert_into(model: HubModel, s: Settings, downloads: Path, fetched: Dict[str, Dict[str, object]],
+                  entry: Path) -> None:
+    """Convert in a temp dir, write the manifest last, then rename the whole dir into place."""
+    try:
+        from converters.mge2torch import convert
+    except ImportError as e:
+        raise HubError(f"{model.name}: the MegEngine converter is unavailable ({e})") from e
+    staging = temp_dir_beside(s.cache_dir / model.name)
+    try:
+        out = staging / model.name
+        try:
+            convert(downloads / model.weights, downloads / CONFIG_FILE, out, vocab=downloads / VOCAB_FILE, force=True)
+        except ValueError as e:  # ConversionError: the downloaded bytes are bad; fetch afresh next time
+            _remove_downloads(downloads)
+            raise HubError(f"{model.name}: cannot convert the hub files from {s.hub_url}/{model.name}/: {e}") from e
+        if not (out / VOCAB_FILE).is_file():
+            shutil.copyfile(downloads / VOCAB_FILE, out / VOCAB_FILE)
+        if not (out / "tokenizer_config.json").is_file():  # lets HF tokenizers load the dir with the right casing
+            atomic_write_json(out / "tokenizer_config.json", {"do_lower_case": model.do_lower_case})
+        cache.write_manifest(out, model.name, {"hub_url": s.hub_url, "files": fetched})
+        cache.install_dir(out, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
