@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 import stat
 import sys
 import time
@@ -38,6 +39,9 @@ class HubError(OSError):
     """
 
     resumable = False
+
+
+HubError.__module__ = "bert_port.hub"  # where users import it from (tracebacks show this name)
 
 
 
@@ -131,8 +135,9 @@ def download(
     """Fetch `url` to `dest` atomically and return its sha256.
 
     Bytes go to `dest.part` (resumed with a Range request if one is left over) and are renamed
-    to `dest` only once the length and, when given, the sha256 match. Connection errors,
-    timeouts and 5xx answers are retried with exponential backoff; 4xx answers are not.
+    to `dest` only once the length and, when given, the sha256 match. Timeouts, cuts and 5xx
+    answers are retried with exponential backoff; 4xx answers, an unresolvable host name and a
+    refused connection are not.
     A file larger than `max_bytes`, a body longer than its Content-Length, or a download still
     unfinished `deadline_s` seconds (default BERT_PORT_DOWNLOAD_TIMEOUT) after the call is a HubError.
     """
@@ -188,6 +193,9 @@ def _fetch_once(session: requests.Session, url: str, part: _Part, timeout, quiet
     except (urllib3.exceptions.ProtocolError, requests.exceptions.ChunkedEncodingError) as e:
         raise _Transient(f"connection broken after {part.size} bytes") from e
     except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as e:
+        why = _unreachable(e, url)
+        if why:  # waiting would not change it: fail now, in one line, without the library's chain
+            raise HubError(f"{url}: {why}") from None
         raise _Transient(f"{type(e).__name__}: {_first_line(e)}") from e
     except requests.RequestException as e:
         raise HubError(f"{url}: {_first_line(e)}") from e
@@ -270,6 +278,24 @@ def _stream(r: requests.Response, part: _Part, total: Optional[int], quiet: bool
             bar.update(len(chunk))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _unreachable(error: BaseException, url: str) -> Optional[str]:
+    """Why the hub cannot be reached at all (a name that does not resolve, a refused connection),
+    or None for what a retry may cure (timeouts, resets). Looks through requests' and urllib3's
+    wrappers down to the socket error."""
+    seen, stack = [], [error]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, BaseException) and all(e is not s for s in seen):
+            seen.append(e)
+            stack += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+    host = urllib.parse.urlsplit(url).hostname
+    if any(isinstance(e, (socket.gaierror, urllib3.exceptions.NameResolutionError)) for e in seen):
+        return f"cannot resolve the host name {host!r} (no network, or no DNS)"
+    if any(isinstance(e, ConnectionRefusedError) for e in seen):
+        return f"connection refused by {host} (nothing listens there)"
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -26,7 +26,10 @@ logger = logging.getLogger("bert_port.hub")
 
 
 def resolve(name: str, cache_dir: Optional[PathLike] = None) -> Path:
-    """The cache directory of `name`'s converted model, downloading and converting it if needed."""
+    """The cache directory of `name`'s converted model, downloading and converting it if needed.
+
+    A model that cannot be fetched (offline, no network, hub unreachable) is a HubError whose one
+    line names the reason and the ways out (see `cannot_fetch`)."""
     model = get_model(name)
     s = settings(cache_dir)
     entry = s.cache_dir / model.name
@@ -34,15 +37,33 @@ def resolve(name: str, cache_dir: Optional[PathLike] = None) -> Path:
     if not problems:
         return entry
     if s.offline:
-        raise HubError(_offline_message(model.name, entry, problems))
+        raise cannot_fetch(model.name, _offline_reason(entry, problems), s)
     if problems != ["missing"]:
         logger.warning("%s: cached copy in %s is unusable (%s); fetching it again", model.name, entry, problems[0])
-    with _cache_errors(model, s), cache.lock(s.cache_dir / f"{model.name}.lock", model.name):
-        if not cache.check_entry(entry):  # another process finished it while we waited
-            return entry
-        cache.sweep_temp_dirs(s.cache_dir, model.name)
-        _fill(model, s, entry)
+    try:
+        with _cache_errors(model, s), cache.lock(s.cache_dir / f"{model.name}.lock", model.name):
+            if not cache.check_entry(entry):  # another process finished it while we waited
+                return entry
+            cache.sweep_temp_dirs(s.cache_dir, model.name)
+            _fill(model, s, entry)
+    except HubError as e:
+        if not getattr(e, "fetching", False):
+            raise
+        raise cannot_fetch(model.name, str(e), s, e) from None  # the reason is in the message already
     return entry
+
+
+def cannot_fetch(name: str, reason: str, s: Settings, cause: Optional[HubError] = None) -> HubError:
+    """`reason` plus the three ways to a model without the hub, as one line; `.reason` keeps the
+    reason alone (for `python -m bert_port.cache fetch`, where the advice would be circular)."""
+    reason = reason if reason.startswith(f"{name}:") else f"{name}: {reason}"
+    error = HubError(
+        f"{reason}. Without the hub: set BERT_PORT_OFFLINE=1 with BERT_PORT_CACHE at a cache that holds "
+        f"{name} (now {s.cache_dir}), or pass a local model directory instead of the name, or run "
+        f"`python -m bert_port.cache fetch {name}` on a connected machine and copy its cache here")
+    error.reason = reason
+    error.resumable = getattr(cause, "resumable", False)
+    return error
 
 
 @contextlib.contextmanager
@@ -91,25 +112,35 @@ def resolve_vocab(name: str, cache_dir: Optional[PathLike] = None) -> Path:
     if vocab.is_file() and tokenizer_config.is_file():
         return vocab
     if s.offline and not vocab.is_file():
-        raise HubError(_offline_message(model.name, entry))
-    with _cache_errors(model, s), cache.lock(s.cache_dir / f"{model.name}.lock", model.name):
-        if not cache.check_entry(entry):
-            return entry / VOCAB_FILE
-        if not vocab.is_file():
-            download(f"{s.hub_url}/{model.name}/{VOCAB_FILE}", vocab, sha256=model.vocab_sha256,
-                     max_bytes=model.max_bytes(VOCAB_FILE))
-        atomic_write_json(tokenizer_config, {"do_lower_case": model.do_lower_case})
+        raise cannot_fetch(model.name, _offline_reason(entry), s)
+    try:
+        with _cache_errors(model, s), cache.lock(s.cache_dir / f"{model.name}.lock", model.name):
+            if not cache.check_entry(entry):
+                return entry / VOCAB_FILE
+            if not vocab.is_file():
+                _download(f"{s.hub_url}/{model.name}/{VOCAB_FILE}", vocab, sha256=model.vocab_sha256,
+                          max_bytes=model.max_bytes(VOCAB_FILE))
+            atomic_write_json(tokenizer_config, {"do_lower_case": model.do_lower_case})
+    except HubError as e:
+        if not getattr(e, "fetching", False):
+            raise
+        raise cannot_fetch(model.name, str(e), s, e) from None
     return vocab
 
 
-def _offline_message(name: str, entry: Path, problems: Sequence[str] = ("missing",)) -> str:
+def _download(url: str, dest: Path, **kwargs) -> str:
+    """`download`, its errors marked as failures to fetch (which `resolve` explains)."""
+    try:
+        return download(url, dest, **kwargs)
+    except HubError as e:
+        e.fetching = True
+        raise
+
+
+def _offline_reason(entry: Path, problems: Sequence[str] = ("missing",)) -> str:
     where = f"not in the cache ({entry})" if list(problems) == ["missing"] else \
         f"the cached copy in {entry} is unusable ({problems[0]})"
-    return (
-        f"{name}: {where} and BERT_PORT_OFFLINE=1 forbids downloading; "
-        f"fill the cache once with network access (unset BERT_PORT_OFFLINE, or run "
-        f"`python -m bert_port.cache fetch {name}`), or point BERT_PORT_CACHE at a cache that holds it"
-    )
+    return f"{entry.name}: {where} and BERT_PORT_OFFLINE=1 forbids downloading"
 
 
 def _fetch_all(model: HubModel, s: Settings, downloads: Path) -> Dict[str, Dict[str, object]]:
@@ -123,7 +154,7 @@ def _fetch_all(model: HubModel, s: Settings, downloads: Path) -> Dict[str, Dict[
             digest = cache.sha256_file(dest) if kept else None
             if digest is None or (sha is not None and digest != sha.lower()):
                 logger.info("downloading %s", url)
-                digest = download(url, dest, sha256=sha, session=session, max_bytes=cap)
+                digest = _download(url, dest, sha256=sha, session=session, max_bytes=cap)
             records[file_name] = {"url": url, "size": dest.stat().st_size, "sha256": digest}
     return records
 
