@@ -98,13 +98,21 @@ def run(p: argparse.ArgumentParser, action: Callable[[argparse.Namespace], Optio
     except UsageError as e:
         if debug:
             raise
-        _err(f"{prefix}{p.prog}: error: {e} (see --help)")
+        _err(f"{prefix}{_prog_of(p, args)}: error: {e} (see --help)")
         return EXIT_USAGE
     except Exception as e:  # noqa: BLE001  one line for every failure; --debug for the traceback
         if debug:
             raise
         _err(f"{prefix}error: {one_line(e)}")
         return EXIT_ERROR
+
+
+def _prog_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The prog of the (sub)command that ran, e.g. `python -m bert_port.finetune tag`."""
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _prog_of(action.choices[getattr(args, action.dest)], args)
+    return p.prog
 
 
 def main(p: argparse.ArgumentParser, action: Callable[[argparse.Namespace], Optional[int]]) -> NoReturn:
