@@ -108,12 +108,21 @@ def _check_out_dir(out: Path, force: bool) -> None:
 
 
 def _load(task_cls, model_name: str, num_labels: Optional[int]):
+    """Tokenizer and model. A checkpoint whose classifier has another number of labels (a tagger
+    fine-tuned before, a classifier for another task) keeps its encoder and gets a new head."""
+    from bert_port.pretrained import resolve_model_dir
     from bert_port.tokenization import BertTokenizer
+    from converters.files import weights_file
+    from converters.weights import open_weights
 
     tokenizer = BertTokenizer.from_pretrained(model_name)
-    kwargs = {} if num_labels is None else {"num_labels": num_labels}
-    model = task_cls.model_cls.from_pretrained(model_name, **kwargs)
-    return tokenizer, model
+    if num_labels is None:
+        return tokenizer, task_cls.model_cls.from_pretrained(model_name)
+    weights = open_weights(weights_file(resolve_model_dir(model_name)))
+    shape = getattr(weights, "shape", None) or (lambda key: tuple(weights[key].shape))
+    if "classifier.weight" in weights and shape("classifier.weight")[0] != num_labels:
+        weights = {k: weights[k] for k in weights if not k.startswith("classifier.")}
+    return tokenizer, task_cls.model_cls.from_pretrained(model_name, num_labels=num_labels, state_dict=weights)
 
 
 def run_train(args, log) -> dict:
