@@ -326,13 +326,13 @@ class BertModel(BertPreTrainedModel):
             raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {shape}")
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if _recording():  # shapes and values are the graph's inputs now, not this example's
+            return
         for name, t in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise ValueError(
                     f"{name} has shape {tuple(t.shape)}, input_ids has {tuple(input_ids.shape)}; they must match"
                 )
-        if _recording():  # shapes and values are the graph's inputs now, not this example's
-            return
         if input_ids.shape[1] > c.max_position_embeddings:
             raise ValueError(
                 f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "

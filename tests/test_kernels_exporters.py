@@ -149,6 +149,8 @@ def test_unpadded_attention_in_one_launch_matches_per_sequence(monkeypatch):
     assert (one_launch[1] - per_sequence[1]).abs().max() < 1e-5
 
 
+# ppb's BertModel returns its layers as a list (the API): torch notes that a traced list output is fixed
+@pytest.mark.filterwarnings("ignore:Encountering a list at the output of the tracer")
 def test_jit_trace_is_correct_for_another_padding_pattern():
     model = small_model()
     with torch.no_grad():
