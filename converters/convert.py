@@ -14,7 +14,7 @@ import numpy as np
 from converters import mapping
 from converters.atomic import atomic_path, atomic_write_text
 from converters.config import ACTIVATIONS, GELU_NAMES, BertConfig
-from converters.errors import ConversionError
+from converters.errors import ConversionError, file_error
 from converters.files import CONFIG_NAME, MAX_VOCAB_BYTES, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, weights_file
 from converters.output import copy_file, list_files, output_directory, write_safetensors
 from converters.weights import load_weights
@@ -203,7 +203,7 @@ def _refuse_existing(path: PathLike, force: bool) -> None:
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConversionError(f"{Path(path).parent}: cannot create directory ({e.strerror or e})") from e
+        raise file_error(Path(path).parent, e, "create directory", ConversionError) from e
 
 
 def _export_summary(model_dir, output, plan: mapping.Plan, out: Mapping[str, np.ndarray]) -> dict:

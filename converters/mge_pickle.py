@@ -24,7 +24,7 @@ import numpy as np
 
 from converters.atomic import atomic_path
 from converters.files import open_regular
-from converters.errors import ConversionError, MalformedInput
+from converters.errors import ConversionError, MalformedInput, file_error
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -412,7 +412,7 @@ def load_mge_pickle(path: PathLike) -> Dict[str, np.ndarray]:
     except ConversionError:
         raise
     except OSError as e:
-        raise ConversionError(f"{where}: cannot read MegEngine pickle ({e.strerror or e})") from e
+        raise file_error(where, e, "read MegEngine pickle", ConversionError) from e
     except MalformedInput as e:
         raise ConversionError(f"{where}: {e}") from e
     except RecursionError as e:
@@ -489,7 +489,7 @@ def save_mge_pickle(tensors: Mapping[str, Any], path: PathLike) -> None:
     try:
         _write_atomically(where, arrays)
     except OSError as e:
-        raise ConversionError(f"{where}: cannot write MegEngine pickle ({e.strerror or e})") from e
+        raise file_error(where, e, "write MegEngine pickle", ConversionError) from e
 
 
 def _write_atomically(where: str, arrays: "list[tuple[str, np.ndarray]]") -> None:

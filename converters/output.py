@@ -18,7 +18,7 @@ from typing import Callable, Iterator, List, Sequence, Tuple
 import numpy as np
 
 from converters.atomic import atomic_directory, atomic_path
-from converters.errors import ConversionError
+from converters.errors import ConversionError, file_error
 from converters.files import CONFIG_NAME, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, NotARegularFile, open_regular
 
 _SAFETENSORS_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("float64"): "F64",
@@ -36,7 +36,7 @@ def check_replaceable(out_dir: Path) -> None:
     try:
         entries = list(os.scandir(out_dir))
     except OSError as e:
-        raise ConversionError(f"{out_dir}: cannot list the existing output directory ({e.strerror or e})") from e
+        raise file_error(out_dir, e, "list the existing output directory", ConversionError) from e
     foreign = sorted(e.name for e in entries if e.name not in OUTPUT_NAMES or not e.is_file(follow_symlinks=False))
     if foreign:
         shown = ", ".join(ascii(n) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -58,7 +58,7 @@ def output_directory(out_dir: Path, force: bool) -> Iterator[Path]:
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConversionError(f"{out_dir}: cannot create output directory ({e.strerror or e})") from e
+        raise file_error(out_dir, e, "create output directory", ConversionError) from e
     with atomic_directory(out_dir) as tmp:
         yield tmp
         if out_dir.exists():
@@ -95,7 +95,7 @@ def copy_file(src: Path, dst: Path, what: str, max_bytes: int) -> None:
     except NotARegularFile as e:
         raise ConversionError(str(e)) from e
     except OSError as e:
-        raise ConversionError(f"{src}: cannot read {what} ({e.strerror or e})") from e
+        raise file_error(src, e, f"read {what}", ConversionError) from e
 
 
 def list_files(directory: Path) -> List[str]:

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Dict, Iterator, List, Optional
 
 from converters.atomic import atomic_write_json, fsync_path
+from converters.errors import file_error
 from converters.files import MiB, load_json, open_regular
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def check_entry(entry: Path, *, full: bool = False) -> List[str]:
             try:
                 actual = sha256_file(path)
             except OSError as e:
-                problems.append(f"{rel}: cannot read ({e.strerror or e})")
+                problems.append(str(file_error(rel, e)))
                 continue
             if actual != rec.get("sha256"):
                 problems.append(f"{rel}: sha256 {actual}, expected {rec.get('sha256')}")

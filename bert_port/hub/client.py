@@ -24,6 +24,7 @@ import requests
 import urllib3
 
 from bert_port.hub.settings import PathLike, settings
+from converters.errors import file_error
 from converters.files import open_regular
 
 logger = logging.getLogger("bert_port.hub")
@@ -201,7 +202,7 @@ def _fetch_once(session: requests.Session, url: str, part: _Part, timeout, quiet
         raise HubError(f"{url}: {_first_line(e)}") from e
     except OSError as e:  # local: disk full, permissions. Free the space; no retry.
         part.reset()
-        raise HubError(f"{part.path}: cannot write while downloading {url}: {e.strerror or e}") from e
+        raise file_error(part.path, e, f"write while downloading {url}", HubError) from e
     if total is not None and part.size != total:
         if part.size > total:
             part.reset()

@@ -21,6 +21,7 @@ from bert_port.hub.client import HubError, download
 from bert_port.hub.registry import CONFIG_FILE, VOCAB_FILE, HubModel, get_model
 from bert_port.hub.settings import PathLike, Settings, settings
 from converters.atomic import atomic_write_json, temp_dir_beside
+from converters.errors import file_error
 
 logger = logging.getLogger("bert_port.hub")
 
@@ -74,7 +75,7 @@ def _cache_errors(model: HubModel, s: Settings) -> Iterator[None]:
     except HubError:
         raise
     except OSError as e:
-        raise HubError(f"{model.name}: cannot write to the cache {s.cache_dir}: {e.strerror or e}") from e
+        raise file_error(model.name, e, f"write to the cache {s.cache_dir}", HubError) from e
 
 
 def _fill(model: HubModel, s: Settings, entry: Path) -> None:
