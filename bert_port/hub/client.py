@@ -7,6 +7,7 @@ does not resolve, a refused connection, 4xx answers: waiting would not change th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -18,12 +19,12 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import requests
 import urllib3
 
-from bert_port.hub.settings import PathLike, settings
+from bert_port.hub.settings import PathLike, Settings, settings
 from converters.errors import file_error
 from converters.files import open_regular
 
@@ -120,60 +121,52 @@ class _Part:
         self.hasher, self.size = hashlib.sha256(), 0
 
 
-def download(
-    url: str,
-    dest: PathLike,
-    *,
-    sha256: Optional[str] = None,
-    retries: Optional[int] = None,
-    retry_delay: Optional[float] = None,
-    timeout: Optional[Tuple[float, float]] = None,
-    quiet: Optional[bool] = None,
-    session: Optional[requests.Session] = None,
-    max_bytes: Optional[int] = None,
-    deadline_s: Optional[float] = None,
-) -> str:
+def download(url: str, dest: PathLike, *, sha256: Optional[str] = None, max_bytes: Optional[int] = None,
+             session: Optional[requests.Session] = None, **policy) -> str:
     """Fetch `url` to `dest` atomically and return its sha256.
 
     Bytes go to `dest.part` (resumed with a Range request if one is left over) and are renamed
     to `dest` only once the length and, when given, the sha256 match. Timeouts, cuts and 5xx
     answers are retried with exponential backoff; 4xx answers, an unresolvable host name and a
-    refused connection are not.
-    A file larger than `max_bytes`, a body longer than its Content-Length, or a download still
-    unfinished `deadline_s` seconds (default BERT_PORT_DOWNLOAD_TIMEOUT) after the call is a HubError.
+    refused connection are not. A file larger than `max_bytes`, a body longer than its
+    Content-Length, or a download unfinished after `download_timeout` seconds is a HubError.
+    `policy` overrides the environment's settings for this call (`retries`, `retry_delay`,
+    `timeout`, `quiet`, `download_timeout`: fields of `Settings`).
     """
-    s = settings()
+    s = dataclasses.replace(settings(), **policy)
     check_url(url, s.allow_http)
-    retries = s.retries if retries is None else retries
-    retry_delay = s.retry_delay if retry_delay is None else retry_delay
-    deadline_s = s.download_timeout if deadline_s is None else deadline_s
-    limits = _Limits(url, max_bytes, time.monotonic() + deadline_s, deadline_s)
+    limits = _Limits(url, max_bytes, time.monotonic() + s.download_timeout, s.download_timeout)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = _Part(dest.with_name(dest.name + ".part"), max_bytes)
     with contextlib.ExitStack() as stack:
         if session is None:
             session = stack.enter_context(requests.Session())
-        for attempt in range(retries + 1):
-            try:
-                limits.check_time(part)
-                _fetch_once(session, url, part, timeout or s.timeout, s.quiet if quiet is None else quiet, limits)
-                break
-            except _Transient as e:
-                if attempt == retries:
-                    kept = f"; {part.size} bytes kept in {part.path} to resume" if part.size else ""
-                    error = HubError(f"{url}: download failed after {retries + 1} attempt(s): {e}{kept}")
-                    error.resumable = True
-                    raise error from e
-                delay = min(retry_delay * 2 ** attempt, MAX_DELAY, max(0.0, limits.deadline - time.monotonic()))
-                logger.warning("%s: %s; retrying in %.1fs", url, e, delay)
-                time.sleep(delay)
+        _with_retries(session, url, part, s, limits)
     actual = part.hasher.hexdigest()
     if sha256 is not None and actual != sha256.lower():
         part.reset()
         raise HubError(f"{url}: sha256 mismatch: expected {sha256}, got {actual}; the download was deleted")
     os.replace(part.path, dest)
     return actual
+
+
+def _with_retries(session: requests.Session, url: str, part: "_Part", s: Settings, limits: _Limits) -> None:
+    """`_fetch_once` until the part is whole; what a retry may cure is retried with backoff."""
+    for attempt in range(s.retries + 1):
+        try:
+            limits.check_time(part)
+            _fetch_once(session, url, part, s.timeout, s.quiet, limits)
+            return
+        except _Transient as e:
+            if attempt == s.retries:
+                kept = f"; {part.size} bytes kept in {part.path} to resume" if part.size else ""
+                error = HubError(f"{url}: download failed after {s.retries + 1} attempt(s): {e}{kept}")
+                error.resumable = True
+                raise error from e
+            delay = min(s.retry_delay * 2 ** attempt, MAX_DELAY, max(0.0, limits.deadline - time.monotonic()))
+            logger.warning("%s: %s; retrying in %.1fs", url, e, delay)
+            time.sleep(delay)
 
 
 def _fetch_once(session: requests.Session, url: str, part: _Part, timeout, quiet: bool, limits: _Limits) -> None:
