@@ -68,10 +68,16 @@ def test_demo_errors_are_one_line(tmp_path):
     assert result.stderr.startswith("error: bert-base-klingon") and "Traceback" not in result.stderr
     result = demo("--model", "bert-base-uncased", env=env)
     assert result.returncode == 1 and "BERT_PORT_OFFLINE=1" in result.stderr
-    result = demo("--model", "bert-base-uncased", "--num-labels", "0", env=env)
-    assert result.returncode == 2 and "--num-labels must be at least 1" in result.stderr
-    for refused in (["--sentence", "hello"], ["--num-labels", "3"], ["--cache-dir", "x"]):  # not ignored
-        result = demo(*refused, env=env)
-        assert result.returncode == 2 and f"{refused[0]}: only with --model" in result.stderr, result.stderr
-    result = demo("--model", "bert-base-uncased", "--out", "x", env=env)
-    assert result.returncode == 2 and "--out applies to the packaged tagger" in result.stderr
+
+
+def test_options_that_cannot_apply_are_refused_not_ignored(capsys):
+    from bert_port.demo import main
+
+    for argv, message in ((["--model", "bert-base-uncased", "--num-labels", "0"], "--num-labels must be at least 1"),
+                          (["--sentence", "hello"], "--sentence: only with --model"),
+                          (["--num-labels", "3"], "--num-labels: only with --model"),
+                          (["--cache-dir", "x"], "--cache-dir: only with --model"),
+                          (["--model", "bert-base-uncased", "--out", "x"], "--out applies to the packaged tagger")):
+        assert main(argv) == 2, argv  # refused before anything is loaded or written
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
