@@ -165,3 +165,18 @@ def test_every_command_answers_bad_usage_in_one_line_with_exit_2(module):
     r = subprocess.run([sys.executable, "-m", module.removesuffix(".__main__"), "--no-such-option"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--help" in r.stderr, r.stderr
+
+
+def test_dist_env_is_read_once_and_checked():
+    from converters.runner import DistEnv, dist_env
+
+    assert dist_env({}) == DistEnv(1, 0, 0)
+    assert dist_env({"RANK": "3"}) == DistEnv(1, 0, 0)  # no WORLD_SIZE: not distributed, RANK ignored
+    assert dist_env({"WORLD_SIZE": "4", "RANK": "2"}) == DistEnv(4, 2, 2)  # LOCAL_RANK defaults to RANK
+    assert dist_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == DistEnv(4, 3, 1)
+    for env, message in (({"WORLD_SIZE": "two"}, "WORLD_SIZE='two': expected an integer"),
+                         ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: must be at least 1"),
+                         ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2: must be below WORLD_SIZE=2"),
+                         ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1: must be at least 0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            dist_env(env)
