@@ -7,12 +7,13 @@ Backend: nccl when CUDA is available (one GPU per local rank), else gloo (CPU).
 from __future__ import annotations
 
 import gc
-import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any, List, Sequence
 
 import torch
 import torch.distributed as dist
+
+from converters.runner import dist_env
 
 
 @dataclass
@@ -58,18 +59,9 @@ class DistContext:
             dist.destroy_process_group()
 
 
-def env_world_size() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
-
-
 def setup(want_cuda: bool = True) -> DistContext:
     """Join the process group torchrun describes (if any) and pick this rank's device."""
-    world = env_world_size()
-    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
-    local = int(os.environ.get("LOCAL_RANK", str(rank))) if world > 1 else 0
+    world, rank, local = astuple(dist_env())
     cuda = want_cuda and torch.cuda.is_available()
     if cuda:
         device = torch.device("cuda", local % max(torch.cuda.device_count(), 1))

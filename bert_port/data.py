@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 
+from converters.errors import file_error
 from converters.files import NotARegularFile, open_regular
 from converters.text import shown
 
@@ -69,16 +70,22 @@ class Features:
 
 # --- reading files --------------------------------------------------------------------------------
 def read_lines(path: PathLike, encoding: str = "utf-8") -> List[str]:
-    """All lines of a text file; errors become one-line ValueErrors naming the file."""
+    """All lines of a text file; errors become one-line ValueErrors naming the file (and, for
+    bytes that are not text, the line: the whole file is decoded at once so the line is known)."""
     try:  # a regular file only: a FIFO would block, /dev/zero never end
         with open_regular(path, None, "data file") as f:
             return f.read().decode(encoding).splitlines()
     except NotARegularFile as e:
         raise ValueError(shown(str(e), 400)) from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{shown(path)}: not UTF-8 text (bad byte at offset {e.start})") from e
-    except OSError as e:
-        raise ValueError(f"{shown(path)}: cannot read ({e.strerror or e})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise file_error(path, e) from e
+
+
+def _refuse_tsv(path: PathLike, lineno: int, line: str) -> None:
+    """A tab-separated field holding several words: a sentence, not a CoNLL token or tag."""
+    if "\t" in line and any(len(field.split()) > 1 for field in line.split("\t")):
+        raise ValueError(f"{path}:{lineno}: a tab-separated field holds several words, as in a GLUE TSV file; "
+                         "expected CoNLL: 'token ... tag' per line, a blank line between sentences")
 
 
 def read_conll(path: PathLike, require_tags: bool = True) -> List[Sentence]:
@@ -98,6 +105,7 @@ def read_conll(path: PathLike, require_tags: bool = True) -> List[Sentence]:
                 sentences.append(Sentence(words, tags))
                 words, tags = [], []
             continue
+        _refuse_tsv(path, lineno, line)
         if len(cols) < 2 and require_tags:
             raise ValueError(f"{path}:{lineno}: expected 'token ... tag' (at least 2 columns), got {shown(repr(line.strip()))}")
         widths.add(len(cols) >= 2)
@@ -138,8 +146,10 @@ def read_glue_tsv(path: PathLike, require_labels: bool = True) -> List[PairExamp
     b = next((header.index(c) for c in _B_COLS if c in header), None)
     y = next((header.index(c) for c in _LABEL_COLS if c in header), None)
     if a is None or (y is None and require_labels):
-        raise ValueError(f"{path}: header {shown(repr(header))} lacks a text column ({' / '.join(TEXT_A_COLUMNS)})"
-                         + ("" if y is not None else f" or a label column ({' / '.join(_LABEL_COLS)})"))
+        raise ValueError(f"{path}: expected a GLUE-style TSV file whose first line is a tab-separated header with "
+                         f"a text column ({' / '.join(TEXT_A_COLUMNS)})"
+                         + ("" if y is not None else f" and a label column ({' / '.join(_LABEL_COLS)})")
+                         + f"; the first line is {shown(repr(lines[0][:60]))}")
     need = max(i for i in (a, b, y) if i is not None) + 1
     out = []
     for lineno, line in enumerate(lines[1:], 2):

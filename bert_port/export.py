@@ -4,22 +4,28 @@
 
 MODEL is a pretrained name or a directory (converter output, save_pretrained, ppb layout). The
 head defaults to the one the directory's config names (`architectures`), else BertModel. After
-writing, the ONNX model runs in ONNX Runtime (when installed) on a padded batch of another shape
-than the export example, and the largest difference from our eager model (at every position,
-padding included) is printed.
+writing, the ONNX model runs in ONNX Runtime on a padded batch of another shape than the export
+example, and the largest difference from our eager model (at every position, padding included) is
+printed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from bert_port.heads import MODEL_CLASSES
+from converters import runner
 from converters.atomic import atomic_path
 from converters.owned import replaceable_files
 from converters.text import shown
@@ -29,6 +35,7 @@ INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 # The classes whose inputs are (batch, seq), as each declares (multiple choice adds a choice axis).
 HEADS = tuple(name for name, cls in MODEL_CLASSES.items() if cls.input_axes == ("batch", "seq"))
 TOLERANCE = 1e-4
+INSTALL_HINT = 'pip install -e ".[export]" (onnx, onnxscript, onnxruntime)'
 
 
 class _Outputs(nn.Module):
@@ -86,12 +93,36 @@ def _has_seq_axis(head: str, name: str) -> bool:
     return name in MODEL_CLASSES[head].seq_axis_outputs
 
 
-def check_onnx(model: nn.Module, path: os.PathLike, head: str) -> Optional[float]:
-    """max |ours - ONNX Runtime| at every position of a padded (3, 23) batch; None without onnxruntime."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
+def require_export_packages(exporter: str = "dynamo") -> None:
+    """One line naming the install command when what export needs is missing (the `export` extra)."""
+    needed = ("onnx", "onnxruntime") + (("onnxscript",) if exporter == "dynamo" else ())
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(f"export needs {', '.join(missing)}: {INSTALL_HINT}")
+
+
+@contextlib.contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Exporters and ONNX Runtime warn and log about their own internals (deprecations, graph
+    rewrites); none of it concerns the user, whose outcome is the parity line we print."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir", "onnxruntime")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def check_onnx(model: nn.Module, path: os.PathLike, head: str) -> float:
+    """max |ours - ONNX Runtime| at every position of a padded (3, 23) batch."""
+    import onnxruntime
+
     inputs = example_inputs(model.config, 3, 23, seed=1)
     with torch.no_grad():
         ours = _Outputs(model).eval()(*inputs)
@@ -110,40 +141,39 @@ def _head_of(directory: Optional[Path]) -> str:
     return next((a for a in archs if a in HEADS), "BertModel")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_port.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="a pretrained name or a model directory")
-    parser.add_argument("--out", required=True, help="the .onnx file to write")
-    parser.add_argument("--head", choices=HEADS, help="model class (default: the config's architectures, else BertModel)")
-    parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                        help="torch.onnx.export's dynamo exporter (default) or the TorchScript one")
-    parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    p = runner.parser("python -m bert_port.export", __doc__.split("\n\n")[0], f"Needs: {INSTALL_HINT}")
+    p.add_argument("model", help="a pretrained name or a model directory")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--head", choices=HEADS,
+                   help="model class (default: the one the directory's config.json names, else BertModel)")
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="torch.onnx.export's dynamo exporter or the TorchScript one")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset version to target")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    try:
-        replaceable_files([out], args.force)  # an existing --out only with --force, and only a regular file
-        if not out.parent.is_dir():
-            raise ValueError(f"{shown(out.parent)}: no such directory")
-        local = Path(args.model) if Path(args.model).is_dir() else None
-        head = args.head or _head_of(local)
-        model = MODEL_CLASSES[head].from_pretrained(args.model).eval()
+    replaceable_files([out], args.force)  # an existing --out only with --force, and only a regular file
+    if not out.parent.is_dir():
+        raise ValueError(f"{shown(out.parent)}: no such directory")
+    require_export_packages(args.exporter)
+    local = Path(args.model) if Path(args.model).is_dir() else None
+    head = args.head or _head_of(local)
+    model = MODEL_CLASSES[head].from_pretrained(args.model).eval()
+    with quiet_third_party():
         export_onnx(model, out, head, exporter=args.exporter, opset=args.opset)
         worst = check_onnx(model, out, head)
-    except Exception as e:  # noqa: BLE001 - one line for expected failures; --debug for the rest
-        if args.debug:
-            raise
-        print(f"error: {shown(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 1000)}",
-              file=sys.stderr)
-        return 1
     print(f"wrote {shown(out)} ({head}, {args.exporter} exporter, opset {args.opset}, dynamic batch and sequence axes)")
-    if worst is None:
-        print("parity: onnxruntime is not installed; `pip install onnxruntime` to check the export")
-        return 0
     verdict = "ok" if worst <= TOLERANCE else f"MISMATCH (> {TOLERANCE:g})"
     print(f"parity: max |bert_port - onnxruntime| = {worst:.2e} on a padded 3x23 batch (every position): {verdict}")
     return 0 if worst <= TOLERANCE else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return runner.run(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -19,26 +19,15 @@ Errors print one line and exit 1 (2 for bad usage); --debug shows the traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
+from converters import runner
 from converters.atomic import atomic_write_text
 from converters.owned import output_dir
-from converters.text import shown
-
-EXIT_ERROR, EXIT_USAGE = 1, 2
-
-
-class UsageError(Exception):
-    """Bad arguments found after parsing (exit 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+from converters.runner import UsageError
 
 
 def _positive_int(text: str) -> int:
@@ -65,28 +54,27 @@ def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m bert_port.finetune", description=__doc__.split("\n\n")[0],
-                     epilog="\n\n".join(__doc__.split("\n\n")[2:]).strip(),
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{tag,classify,predict}", parser_class=_Parser)
-    sub.required = True
+    epilog = "\n\n".join(__doc__.split("\n\n")[2:-1]).strip()
+    parser = runner.parser("python -m bert_port.finetune", __doc__.split("\n\n")[0], epilog)
+    sub = parser.add_subparsers(dest="command", metavar="{tag,classify,predict}")
     for name, helptext in (("tag", "fine-tune a token tagger on CoNLL files"),
                            ("classify", "fine-tune a sentence (pair) classifier on GLUE-style TSV files")):
-        p = sub.add_parser(name, help=helptext, description=helptext)
+        p = sub.add_parser(name, help=helptext, description=helptext, epilog=epilog)
         p.add_argument("--model", required=True, help="pretrained name or directory (config, weights, vocab.txt)")
         p.add_argument("--train", required=True, help="training file")
         p.add_argument("--dev", required=True, help="dev file, scored after every epoch")
         p.add_argument("--out", required=True, help="output directory (must not exist or be empty, unless --force)")
         p.add_argument("--force", action="store_true", help="write into an existing non-empty --out")
-        p.add_argument("--epochs", type=_positive_int, default=3)
+        p.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training file")
         p.add_argument("--lr", type=_float_in(0, 1, lo_open=True), default=5e-5, help="peak learning rate")
         p.add_argument("--batch-size", type=_positive_int, default=32, help="per rank (see torchrun)")
         p.add_argument("--eval-batch-size", type=_positive_int, default=None, help="default: --batch-size")
         p.add_argument("--max-seq-length", type=_positive_int, default=None,
                        help="word pieces incl. [CLS]/[SEP] (default: 128, or the model's limit if smaller)")
-        p.add_argument("--warmup-proportion", type=_float_in(0, 1, hi_open=True), default=0.1)
+        p.add_argument("--warmup-proportion", type=_float_in(0, 1, hi_open=True), default=0.1,
+                       help="share of the optimizer steps spent warming the learning rate up from 0")
         p.add_argument("--weight-decay", type=_float_in(0, 1), default=0.01, help="not on biases and LayerNorm")
-        p.add_argument("--seed", type=int, default=42)
+        p.add_argument("--seed", type=int, default=42, help="seeds the new head's init, dropout and data order")
         p.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per optimizer step")
         amp = p.add_mutually_exclusive_group()
         amp.add_argument("--fp16", action="store_true", help="float16 autocast + loss scaling (CUDA only)")
@@ -96,20 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-grad-norm", type=float, default=1.0,
                        help="clip: global norm (adamw) or per tensor (bertadam); <= 0 disables")
         p.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                       help="which epoch's weights --out holds: best dev F1 (default) or the last")
+                       help="which epoch's weights --out holds: best dev F1 or the last")
         p.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
-        p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p = sub.add_parser("predict", help="tag or classify a file with a fine-tuned model")
+    helptext = "tag or classify a file with a fine-tuned model"
+    p = sub.add_parser("predict", help=helptext, description=helptext, epilog=epilog)
     p.add_argument("--model", required=True, help="directory written by `tag` or `classify`")
     p.add_argument("--input", required=True,
                    help="tag: CoNLL or plain text (one sentence per line); classify: TSV with header or text")
     p.add_argument("--output", help="output file (default: stdout)")
-    p.add_argument("--format", choices=("auto", "conll", "text", "tsv"), default="auto")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--format", choices=("auto", "conll", "text", "tsv"), default="auto",
+                   help="format of --input; auto: CoNLL or TSV when the file looks like one, else text")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="sentences per forward pass")
     p.add_argument("--max-seq-length", type=_positive_int, default=128,
                    help="window length; longer sentences are split into windows, no word is lost")
-    p.add_argument("--cpu", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--cpu", action="store_true", help="do not use a GPU even if there is one")
     return parser
 
 
@@ -121,12 +109,21 @@ def _check_out_dir(out: Path, force: bool) -> None:
 
 
 def _load(task_cls, model_name: str, num_labels: Optional[int]):
+    """Tokenizer and model. A checkpoint whose classifier has another number of labels (a tagger
+    fine-tuned before, a classifier for another task) keeps its encoder and gets a new head."""
+    from bert_port.pretrained import resolve_model_dir
     from bert_port.tokenization import BertTokenizer
+    from converters.files import weights_file
+    from converters.weights import open_weights
 
     tokenizer = BertTokenizer.from_pretrained(model_name)
-    kwargs = {} if num_labels is None else {"num_labels": num_labels}
-    model = task_cls.model_cls.from_pretrained(model_name, **kwargs)
-    return tokenizer, model
+    if num_labels is None:
+        return tokenizer, task_cls.model_cls.from_pretrained(model_name)
+    weights = open_weights(weights_file(resolve_model_dir(model_name)))
+    shape = getattr(weights, "shape", None) or (lambda key: tuple(weights[key].shape))
+    if "classifier.weight" in weights and shape("classifier.weight")[0] != num_labels:
+        weights = {k: weights[k] for k in weights if not k.startswith("classifier.")}
+    return tokenizer, task_cls.model_cls.from_pretrained(model_name, num_labels=num_labels, state_dict=weights)
 
 
 def run_train(args, log) -> dict:
@@ -256,48 +253,25 @@ class _Log:
     """Messages to stderr from rank 0 only (the rank is set once known)."""
 
     def __init__(self) -> None:
-        self.rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+        self.rank = runner.dist_env().rank
 
     def __call__(self, message: str) -> None:
         if self.rank == 0:
             print(message, file=sys.stderr, flush=True)
 
 
-def _err(line: str) -> None:
-    sys.stderr.write(line + "\n")  # one write: lines from several ranks do not interleave
-    sys.stderr.flush()
+def _run(args: argparse.Namespace) -> None:
+    log = _Log()
+    if args.command == "predict":
+        run_predict(args, log)
+    else:
+        started = time.time()
+        run_train(args, log)
+        log(f"done in {time.time() - started:.1f}s")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    log = _Log()
-    prefix = f"[rank {log.rank}] " if log.rank else ""
-    try:
-        if args.command == "predict":
-            run_predict(args, log)
-        else:
-            started = time.time()
-            run_train(args, log)
-            log(f"done in {time.time() - started:.1f}s")
-        return 0
-    except UsageError as e:
-        if args.debug:
-            raise
-        _err(f"{prefix}{parser.prog} {args.command}: error: {shown(str(e), 1000)}")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        _err(f"{prefix}interrupted")
-        return 130
-    except Exception as e:  # noqa: BLE001  one line for every failure; --debug for the traceback
-        if args.debug:
-            raise
-        text = str(e).strip().splitlines()
-        message = text[0] if text else ""
-        if not isinstance(e, (ValueError, OSError)) or not message:
-            message = f"{type(e).__name__}: {message}".rstrip(": ")
-        _err(f"{prefix}error: {shown(message, 1000)}")
-        return EXIT_ERROR
+    return runner.run(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

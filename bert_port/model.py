@@ -299,13 +299,13 @@ class BertModel(BertPreTrainedModel):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a (batch, seq_len) tensor or a jagged nested tensor, got {shape}")
+        if _recording():  # shapes and values are the graph's inputs now, not this example's
+            return None
         for name, t in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
             if t is not None and (t.is_nested or tuple(t.shape) != tuple(input_ids.shape)):
                 raise ValueError(
                     f"{name} has shape {tuple(t.shape)}, input_ids has {tuple(input_ids.shape)}; they must match"
                 )
-        if _recording():  # shapes and values are the graph's inputs now, not this example's
-            return None
         self._check_ids(input_ids, token_type_ids, input_ids.shape[1])
         return None
 

@@ -1,21 +1,18 @@
-"""What every converter command shares: arguments, the one-screen summary, exit codes.
-
-Exit codes: 0 converted, 1 conversion error (one line on stderr, no traceback unless --debug),
-2 usage error (argparse's own).
+"""What every converter command shares: arguments and the one-screen summary. Errors and exit
+codes follow `converters.runner` (0 converted, 1 error in one line, 2 usage, --debug traceback).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Callable, NoReturn
 
+from converters import runner
 from converters.config import GELU_NAMES
 from converters.convert import ConvertOptions
-from converters.errors import ConversionError
 from converters.text import shown
 
 GELU_HELP = (
-    "GELU the converted config asks for. 'tanh' (default) writes hidden_act \"gelu_new\": the tanh "
+    "GELU the converted config asks for. 'tanh' writes hidden_act \"gelu_new\": the tanh "
     "approximation that Google's TF BERT and MegEngine's BERT actually compute, so the converted model "
     "(in bert_port or HF transformers) reproduces the source. 'erf' writes \"gelu\": exact GELU as "
     "pytorch_pretrained_bert/HF compute it (outputs then differ from the source by ~1e-3)."
@@ -23,18 +20,17 @@ GELU_HELP = (
 
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = runner.parser(prog, description)
     p.add_argument("--force", action="store_true", help="replace the output if it already exists")
-    p.add_argument("--debug", action="store_true", help="show the traceback on errors")
     return p
 
 
 def add_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the source's bert_config.json")
-    p.add_argument("--vocab", help="vocab.txt to copy into the output directory")
+    p.add_argument("--vocab", help="vocab.txt to copy into the output directory (default: none copied)")
     p.add_argument("--out", required=True, help="output directory (config.json + weights); must not exist")
     p.add_argument("--format", dest="fmt", choices=("safetensors", "pytorch"), default="safetensors",
-                   help="model.safetensors (default) or pytorch_model.bin")
+                   help="model.safetensors or pytorch_model.bin")
     p.add_argument("--gelu", choices=sorted(GELU_NAMES), default="tanh", help=GELU_HELP)
     p.add_argument("--labels", help="comma-separated class names of a classifier (default LABEL_0, LABEL_1, ...)")
 
@@ -47,20 +43,8 @@ def options(args: argparse.Namespace) -> ConvertOptions:
 
 
 def main(p: argparse.ArgumentParser, action: Callable[[argparse.Namespace], dict]) -> NoReturn:
-    args = p.parse_args()
-    try:
-        summary = action(args)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        sys.exit(130)
-    except (ConversionError, ValueError, OSError) as e:
-        if args.debug:
-            raise
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {shown(message, 1000)}", file=sys.stderr)
-        sys.exit(1)
-    print_summary(summary)
-    sys.exit(0)
+    """Run a converter command (`converters.runner`'s policy) and print its summary."""
+    runner.main(p, lambda args: print_summary(action(args)))
 
 
 def print_summary(s: dict) -> None:

@@ -16,6 +16,7 @@ import math
 from typing import Any, Dict, Union
 
 from converters.atomic import atomic_write_text
+from converters.errors import file_error
 from converters.files import MAX_VOCAB_LINES, load_json
 
 # hidden_act names and the function each computes. Google's TF BERT and MegEngine's BERT both call
@@ -223,10 +224,8 @@ class BertConfig:
     def from_json_file(cls, json_file: Union[str, os.PathLike]) -> "BertConfig":
         try:  # a regular file of at most 1 MiB: a FIFO or /dev/zero is refused, not read forever
             data = load_json(json_file, MAX_CONFIG_BYTES, "config")
-        except OSError as e:
-            raise ValueError(f"{json_file}: cannot read config ({e.strerror or e})") from e
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{json_file}: not UTF-8 ({e.reason})") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise file_error(json_file, e, "read config") from e
         except json.JSONDecodeError as e:
             raise ValueError(f"{json_file}: not valid JSON ({e})") from e
         except ValueError as e:  # nesting beyond the recursion limit, an integer of > 4300 digits

@@ -61,6 +61,9 @@ def load_config(options: ConvertOptions) -> BertConfig:
 def check_against_config(source: str, config_path: PathLike, shapes: Mapping[str, tuple], config) -> str:
     """Every planned tensor must exist in the config's model with the same shape, and vice versa."""
     architecture = mapping.architecture_of(shapes)
+    declared = (getattr(config, "architectures", None) or [None])[0]
+    if declared in mapping.HEADS and mapping.HEADS[declared] == mapping.HEADS[architecture]:
+        architecture = declared  # keys cannot tell a token from a sequence classifier; the source config can
     num_labels = shapes.get("classifier.weight", (2,))[0]
     expected = mapping.canonical_shapes(config, architecture, num_labels)
     for name in shapes:

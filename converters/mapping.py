@@ -81,6 +81,7 @@ HEADS: Dict[str, Tuple[str, ...]] = {
     "BertForNextSentencePrediction": ("cls.seq_relationship.",),
     "BertForQuestionAnswering": ("qa_outputs.",),
     "BertForSequenceClassification": ("classifier.",),
+    "BertForTokenClassification": ("classifier.",),  # same keys: only a source config can say so
     "BertModel": (),
 }
 

@@ -4,6 +4,7 @@ Converts MegEngine hub weights (bert_<hash>_<name>.pkl) or a MegEngine Models cl
 directory that bert_port and HF transformers load. Needs no MegEngine: the pickle is read by a
 restricted unpickler that accepts only numpy arrays and MegEngine tensors.
 """
+import argparse
 from typing import Any
 
 from converters import cli
@@ -15,8 +16,12 @@ def convert(src, config, out_dir, **options: Any) -> dict:
     return convert_file("megengine", src, ConvertOptions(config, out_dir, **options))
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m converters.mge2torch", __doc__.split("\n\n")[1])
     p.add_argument("src", help="MegEngine .pkl (state dict of BertModel or BertForSequenceClassification)")
     cli.add_import_arguments(p)
-    cli.main(p, lambda a: convert_file("megengine", a.src, cli.options(a)))
+    return p
+
+
+if __name__ == "__main__":
+    cli.main(build_parser(), lambda a: convert_file("megengine", a.src, cli.options(a)))

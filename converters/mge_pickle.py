@@ -23,7 +23,7 @@ import numpy as np
 from converters._pickle import (MAX_DICT_ITEMS, MAX_OPCODES, Frozen, Function, RestrictedUnpickler,  # noqa: F401
                                 codecs_encode, empty_bytes, ordered_dict, run_unpickler, shown)
 from converters.atomic import atomic_path
-from converters.errors import ConversionError, MalformedInput
+from converters.errors import ConversionError, MalformedInput, file_error
 from converters.files import open_regular
 from converters.reader import Budget, ReaderBase, check_tensor_count
 
@@ -224,7 +224,7 @@ def load_mge_pickle(path: PathLike) -> Dict[str, np.ndarray]:
             obj = run_unpickler(_MgeUnpickler(f, size, where), where)
         return _validate(obj, where)
     except OSError as e:
-        raise ConversionError(f"{where}: cannot read MegEngine pickle ({e.strerror or e})") from e
+        raise file_error(where, e, "read MegEngine pickle", ConversionError) from e
     except MalformedInput as e:
         raise ConversionError(f"{where}: {e}") from e
     finally:
@@ -335,7 +335,7 @@ def save_mge_pickle(tensors: Mapping[str, Any], path: PathLike) -> None:
     try:
         _write_atomically(where, arrays)
     except OSError as e:
-        raise ConversionError(f"{where}: cannot write MegEngine pickle ({e.strerror or e})") from e
+        raise file_error(where, e, "write MegEngine pickle", ConversionError) from e
 
 
 def _write_atomically(where: str, arrays: "list[tuple[str, np.ndarray]]") -> None:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from converters.atomic import atomic_directory, atomic_path
-from converters.errors import ConversionError
+from converters.errors import ConversionError, file_error
 from converters.owned import parent_dir
 from converters.text import shown
 from converters.files import CONFIG_NAME, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, NotARegularFile, open_regular
@@ -39,7 +39,7 @@ def check_replaceable(out_dir: Path) -> List[str]:
     try:
         entries = list(os.scandir(out_dir))
     except OSError as e:
-        raise ConversionError(f"{shown(out_dir)}: cannot list the existing output directory ({e.strerror or e})") from e
+        raise file_error(out_dir, e, "list the existing output directory", ConversionError) from e
     foreign = sorted(e.name for e in entries if e.name not in OUTPUT_NAMES or not e.is_file(follow_symlinks=False))
     if foreign:
         names = ", ".join(shown(ascii(n), 60) for n in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -100,7 +100,7 @@ def copy_file(src: Path, dst: Path, what: str, max_bytes: int) -> None:
     except NotARegularFile as e:
         raise ConversionError(shown(str(e), 400)) from e
     except OSError as e:
-        raise ConversionError(f"{shown(src)}: cannot read {what} ({e.strerror or e})") from e
+        raise file_error(src, e, f"read {what}", ConversionError) from e
 
 
 def list_files(directory: Path) -> List[str]:

@@ -4,6 +4,7 @@ Converts a Google BERT checkpoint (bert_model.ckpt.index + .data-*; TF1 names, T
 or the tensorflow/models encoder naming) into a directory that bert_port and HF transformers load.
 Needs no TensorFlow. Optimizer slots (adam_m/adam_v) and bookkeeping are skipped and counted.
 """
+import argparse
 from typing import Any
 
 from converters import cli
@@ -15,8 +16,12 @@ def convert(prefix, config, out_dir, **options: Any) -> dict:
     return convert_file("tf", prefix, ConvertOptions(config, out_dir, **options))
 
 
-if __name__ == "__main__":
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m converters.tf2torch", __doc__.split("\n\n")[1])
     p.add_argument("prefix", help="checkpoint prefix, e.g. uncased_L-12_H-768_A-12/bert_model.ckpt")
     cli.add_import_arguments(p)
-    cli.main(p, lambda a: convert_file("tf", a.prefix, cli.options(a)))
+    return p
+
+
+if __name__ == "__main__":
+    cli.main(build_parser(), lambda a: convert_file("tf", a.prefix, cli.options(a)))

@@ -33,7 +33,7 @@ import numpy as np
 from converters.atomic import atomic_path
 from converters import _tf_proto as proto
 from converters._leveldb_table import build_table, crc32c, mask_crc, put_varint, read_table, read_varint
-from converters.errors import ConversionError, MalformedInput
+from converters.errors import ConversionError, MalformedInput, file_error
 from converters.files import check_regular, open_regular
 from converters.reader import MAX_TENSORS, Budget, ReaderBase
 
@@ -115,7 +115,7 @@ class TFCheckpointReader(ReaderBase):
             raise ConversionError(f"{self.index_path}: TF checkpoint index not found "
                                   "(pass the prefix, e.g. .../bert_model.ckpt)") from e
         except OSError as e:
-            raise ConversionError(f"{self.index_path}: cannot read: {e.strerror or e}") from e
+            raise file_error(self.index_path, e, "read", ConversionError) from e
         if len(data) > MAX_INDEX_BYTES:
             raise ConversionError(f"{self.index_path}: grew past {MAX_INDEX_BYTES} bytes while being read")
         try:
@@ -423,4 +423,4 @@ def write_tf_checkpoint(prefix: str | os.PathLike, tensors: Mapping[str, Tensor]
             with open(tmp_index, "wb") as f:
                 f.write(build_table(items))
     except OSError as e:
-        raise ConversionError(f"{e.filename or prefix}: cannot write TF checkpoint: {e.strerror}") from e
+        raise file_error(e.filename or prefix, e, "write TF checkpoint", ConversionError) from e

@@ -5,11 +5,18 @@ arrays, pickle protocol 4, that MegEngine's `Module.load_state_dict` accepts. Be
 the hub form (no prefix); with a classifier, `bert.` + `classifier.` keys. MegEngine Models has
 no pretraining/QA heads: those tensors are skipped and counted.
 """
+import argparse
+
 from converters import cli
 from converters.convert import torch_to_mge
 
-if __name__ == "__main__":
+
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m converters.torch2mge", __doc__.split("\n\n")[1])
     p.add_argument("model_dir", help="directory with config.json and model.safetensors / pytorch_model.bin")
     p.add_argument("--out", required=True, help="output .pkl file")
-    cli.main(p, lambda a: torch_to_mge(a.model_dir, a.out, force=a.force))
+    return p
+
+
+if __name__ == "__main__":
+    cli.main(build_parser(), lambda a: torch_to_mge(a.model_dir, a.out, force=a.force))

@@ -4,11 +4,18 @@ Writes a bert_port/HF model directory as a TF1 checkpoint with Google's variable
 (PREFIX.index + PREFIX.data-00000-of-00001) that `tf.train.load_checkpoint` and Google's
 modeling.py read. Kernels are transposed back to TF's [in, out]. Needs no TensorFlow.
 """
+import argparse
+
 from converters import cli
 from converters.convert import torch_to_tf
 
-if __name__ == "__main__":
+
+def build_parser() -> argparse.ArgumentParser:
     p = cli.parser("python -m converters.torch2tf", __doc__.split("\n\n")[1])
     p.add_argument("model_dir", help="directory with config.json and model.safetensors / pytorch_model.bin")
     p.add_argument("--out", required=True, help="output checkpoint prefix, e.g. out/bert_model.ckpt")
-    cli.main(p, lambda a: torch_to_tf(a.model_dir, a.out, force=a.force))
+    return p
+
+
+if __name__ == "__main__":
+    cli.main(build_parser(), lambda a: torch_to_tf(a.model_dir, a.out, force=a.force))

@@ -13,6 +13,31 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
 
+SLOW_TESTS = "BERT_PORT_SLOW_TESTS"
+
+
+def slow_tests_enabled() -> bool:
+    return os.environ.get(SLOW_TESTS, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` tests are deselected unless BERT_PORT_SLOW_TESTS=1 (.ci/run sets it): the README's
+    `python -m pytest -q` stays within minutes, and CI still runs everything with the same command."""
+    if slow_tests_enabled():
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        config._bert_port_slow_deselected = len(slow)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = getattr(config, "_bert_port_slow_deselected", 0)
+    if n:
+        terminalreporter.write_line(f"{n} slow test(s) deselected; {SLOW_TESTS}=1 runs them (as .ci/run does)")
+
+
 TINY = dict(
     vocab_size_or_config_json_file=99,
     hidden_size=32,

@@ -132,12 +132,23 @@ def write_conll(sentences, path: Path) -> Path:
     return path
 
 
+def write_pairs_tsv(sentences, path: Path) -> Path:
+    """MRPC-layout TSV of sentence pairs: label 1 when b repeats a, 0 when b is another sentence."""
+    rows = ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+    for k, (words, _) in enumerate(sentences):
+        other = sentences[(k + 5) % len(sentences)][0] if k % 2 == 0 else words
+        rows.append(f"{k % 2}\t{k}\t{k + 1000}\t{' '.join(words)}\t{' '.join(other)}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
 def make_dataset(out_dir, n_train: int = 400, n_dev: int = 150, seed: int = 0) -> Dict[str, Path]:
-    """train.conll (training pools) and dev.conll (held-out pools) under `out_dir`."""
+    """train/dev.conll (training / held-out pools) and train/dev.tsv (pairs of the same sentences)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return {"train": write_conll(generate(n_train, "train", seed), out / "train.conll"),
-            "dev": write_conll(generate(n_dev, "heldout", seed), out / "dev.conll")}
+    train, dev = generate(n_train, "train", seed), generate(n_dev, "heldout", seed)
+    return {"train": write_conll(train, out / "train.conll"), "dev": write_conll(dev, out / "dev.conll"),
+            "train_tsv": write_pairs_tsv(train, out / "train.tsv"), "dev_tsv": write_pairs_tsv(dev, out / "dev.tsv")}
 
 
 def entity_strings(path) -> set:

@@ -2,6 +2,7 @@
 through the Python API (--format pytorch, --gelu erf, --debug, torch2tf --force over more shards).
 Expected numbers are the frameworks' recorded outputs in tests/fixtures/, never our own."""
 import json
+import re
 import subprocess
 import sys
 
@@ -113,3 +114,66 @@ def test_torch2tf_force_over_an_older_checkpoint_with_more_shards(tmp_path):
     want = load_tf_checkpoint(TF / "tf1/bert_model.ckpt")
     assert len(got) == 46
     assert all(np.array_equal(got[k], want[k]) for k in got)
+
+
+# ------------------------------------------------------------------------------ every command's --help
+
+
+def entry_points():
+    """Every `python -m` module of the two packages (a `__main__.py`, or `if __name__ == "__main__"`),
+    so that a new command (e.g. one added next month) is walked without editing this list."""
+    found = []
+    for package in ("converters", "bert_port"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            if path.name == "__main__.py" or re.search(r'^if __name__ == "__main__":', text, re.M):
+                found.append(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    return found
+
+
+@pytest.mark.parametrize("module", entry_points())
+def test_every_help_shows_defaults_describes_everything_and_ends_with_exit_codes(module):
+    import argparse
+    import importlib
+
+    from converters import runner
+
+    mod = importlib.import_module(module)
+    assert hasattr(mod, "build_parser"), f"{module}: expose build_parser() built on converters.runner"
+    for p in runner.all_parsers(mod.build_parser()):
+        assert isinstance(p, runner.Parser), f"{p.prog}: not a converters.runner.Parser"
+        text = p.format_help()
+        assert text.rstrip().endswith(runner.EXIT_CODES), f"{p.prog}: --help must end with the exit codes"
+        assert p.description, f"{p.prog}: no description"
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    assert choice.help, f"{p.prog} {choice.dest}: subcommand without a description"
+                continue
+            assert action.help, f"{p.prog} {action.option_strings or action.dest}: no description"
+            takes_value = action.nargs != 0 and action.option_strings and not action.required
+            if takes_value:  # what happens without the option must be visible
+                shown = p._get_formatter()._get_help_string(action)
+                assert "default" in shown, f"{p.prog} {action.option_strings}: default not shown: {shown!r}"
+
+
+@pytest.mark.parametrize("module", entry_points())
+def test_every_command_answers_bad_usage_in_one_line_with_exit_2(module):
+    r = subprocess.run([sys.executable, "-m", module.removesuffix(".__main__"), "--no-such-option"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--help" in r.stderr, r.stderr
+
+
+def test_dist_env_is_read_once_and_checked():
+    from converters.runner import DistEnv, dist_env
+
+    assert dist_env({}) == DistEnv(1, 0, 0)
+    assert dist_env({"RANK": "3"}) == DistEnv(1, 0, 0)  # no WORLD_SIZE: not distributed, RANK ignored
+    assert dist_env({"WORLD_SIZE": "4", "RANK": "2"}) == DistEnv(4, 2, 2)  # LOCAL_RANK defaults to RANK
+    assert dist_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == DistEnv(4, 3, 1)
+    for env, message in (({"WORLD_SIZE": "two"}, "WORLD_SIZE='two': expected an integer"),
+                         ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: must be at least 1"),
+                         ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2: must be below WORLD_SIZE=2"),
+                         ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1: must be at least 0")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            dist_env(env)

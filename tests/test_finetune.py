@@ -85,7 +85,7 @@ def test_bad_inputs_exit_1_with_one_line(tiny, tmp_path, capsys, case):
         train = tmp_path
     elif case == "binary":
         train = tmp_path / "bin.conll"
-        train.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe B-PER\n")
+        train.write_bytes(b"John B-PER\n\nPNG \x89PNG\r\n\x1a\n\xff\xfe B-PER\n")
     elif case == "malformed":
         train = tmp_path / "bad.conll"
         train.write_text("John B-PER\nlives\n", encoding="utf-8")
@@ -94,9 +94,20 @@ def test_bad_inputs_exit_1_with_one_line(tiny, tmp_path, capsys, case):
     code, err = call(["tag", "--model", model, "--train", train, "--dev", tiny["dev"], "--out", tmp_path / "o"],
                      capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith("error: "), err
-    expected = {"missing": "cannot read (No such file", "directory": "is a directory", "binary": "not UTF-8",
+    expected = {"missing": "cannot read (No such file", "directory": "is a directory",
+                "binary": f"{train}: not UTF-8 text at line 3",
                 "malformed": "bad.conll:2:", "bad_model": "no-such-model"}[case]
     assert expected in err[0]
+
+
+@pytest.mark.parametrize("task", ["tag", "classify"])
+def test_a_file_of_the_other_task_is_refused_naming_the_expected_format(tiny, tmp_path, capsys, task):
+    wrong = tiny["train_tsv"] if task == "tag" else tiny["train"]
+    dev = tiny["dev"] if task == "tag" else tiny["dev_tsv"]
+    code, err = call([task, "--model", tiny["model"], "--train", wrong, "--dev", dev, "--out", tmp_path / "o"], capsys)
+    assert code == 1 and len(err) == 1 and str(wrong) in err[0], err
+    expected = "expected CoNLL: 'token ... tag' per line" if task == "tag" else "expected a GLUE-style TSV file"
+    assert expected in err[0] and not (tmp_path / "o").exists(), err
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode")
@@ -127,7 +138,8 @@ def test_semantic_usage_errors_exit_2(tiny, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "exceeds the model's max_position_embeddings (64)" in err[0]
     if not torch.cuda.is_available():
         code, err = call(tag_args(tiny, tmp_path / "o", "--fp16"), capsys)
-        assert code == 2 and err == ["python -m bert_port.finetune tag: error: --fp16 needs a CUDA GPU; use --bf16 on CPU"]
+        assert code == 2 and err == [
+            "python -m bert_port.finetune tag: error: --fp16 needs a CUDA GPU; use --bf16 on CPU (see --help)"]
 
 
 def test_existing_output_dir_is_refused(tiny, tmp_path, capsys):

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from bert_port import cache, hub
 from bert_port.cache import __main__ as cache_cli
 from tests.hub_server import (  # noqa: F401  (fake_hub and server are fixtures)
     REAL_NAME, REAL_WEIGHTS, ROOT, TEST_NAME, TEST_WEIGHTS, HubServer, assert_matches_megengine, child_command,
-    fake_hub, fixture_bytes, run_model, server, sha,
+    fake_hub, fixture_bytes, hub_env, run_model, server, sha,
 )
 
 # ------------------------------------------------------------------------------- registry
@@ -159,11 +161,42 @@ def test_download_sha256_mismatch_deletes_the_bytes(server, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_download_connection_refused_is_a_clear_error(server, tmp_path):  # server: isolated env
+def test_download_connection_refused_fails_at_once(server, tmp_path, caplog):  # server: isolated env
     with HubServer({}) as stopped:
         url = stopped.url + "/gone"
-    with pytest.raises(hub.HubError, match=f"{url}: download failed after 2 attempt"):
-        hub.download(url, tmp_path / "gone", retries=1, retry_delay=0.01)
+    started = time.monotonic()
+    with pytest.raises(hub.HubError, match=f"^{url}: connection refused by 127.0.0.1") as e:
+        hub.download(url, tmp_path / "gone", retries=5, retry_delay=1.0)
+    assert time.monotonic() - started < 1.0 and "retrying" not in caplog.text  # a refusal is not retried
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained requests/urllib3 traceback
+
+
+def _load_in_child(env, name="bert-base-uncased"):
+    """`BertModel.from_pretrained(name)` in a fresh interpreter, as a user's script would run it."""
+    code = f"from bert_port import BertModel\nBertModel.from_pretrained({name!r})\n"
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    return r, time.monotonic() - started
+
+
+@pytest.mark.parametrize("where", ["stopped loopback hub", "unresolvable host"])
+def test_an_unreachable_hub_fails_fast_and_short_naming_the_ways_out(tmp_path, where):
+    if where == "stopped loopback hub":
+        with HubServer({}) as stopped:
+            url = stopped.url
+    else:
+        url = "https://nonexistent.invalid/"  # .invalid never resolves (RFC 2606)
+    env = hub_env(url, tmp_path / "cache", BERT_PORT_RETRY_DELAY="1")  # a retry would cost seconds
+    r, seconds = _load_in_child(env)
+    assert r.returncode == 1 and seconds < 10, (seconds, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) <= 25 and "During handling" not in r.stderr and "direct cause" not in r.stderr, r.stderr
+    last = lines[-1]
+    assert last.startswith(f"bert_port.hub.HubError: {REAL_NAME}: {url.rstrip('/')}/{REAL_NAME}/"), last
+    assert ("connection refused" if where.startswith("stopped") else "cannot resolve the host name") in last
+    for way_out in ("BERT_PORT_OFFLINE=1", "a local model directory", f"python -m bert_port.cache fetch {REAL_NAME}"):
+        assert way_out in last, last
+    assert not (tmp_path / "cache" / "downloads").exists()
 
 
 # ------------------------------------------------------------------------------- resolve
@@ -333,7 +366,8 @@ def test_cache_cli_usage_errors_exit_2(capsys):
         with pytest.raises(SystemExit) as e:
             cache_cli.main(argv)
         assert e.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith("python -m bert_port.cache") and "(see --help)" in err and err.count("\n") == 1
 
 
 def test_cache_cli_reports_errors_in_one_line(fake_hub, capsys, monkeypatch):
@@ -341,5 +375,6 @@ def test_cache_cli_reports_errors_in_one_line(fake_hub, capsys, monkeypatch):
     assert cache_cli.main(["fetch", "bert-base-uncased"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {REAL_NAME}: not in the cache") and err.count("\n") == 1
+    assert "unset BERT_PORT_OFFLINE" in err and "cache fetch" not in err  # never "run the command that failed"
     assert cache_cli.main(["fetch", "bert-base-klingon"]) == 1
     assert "error: bert-base-klingon: not a known pretrained model name" in capsys.readouterr().err

@@ -34,7 +34,7 @@ from typing import Dict, Iterator, List, Optional
 
 from converters import owned
 from converters.atomic import atomic_write_json, fsync_path
-from converters.errors import ConversionError
+from converters.errors import ConversionError, file_error
 from converters.files import CONFIG_NAMES, SAFE_WEIGHTS_NAME, VOCAB_NAME, WEIGHTS_NAME, MiB, load_json, open_regular
 from converters.text import shown
 
@@ -139,7 +139,7 @@ def check_entry(entry: Path, *, full: bool = False) -> List[str]:
             try:
                 actual = sha256_file(path)
             except OSError as e:
-                problems.append(f"{shown(rel)}: cannot read ({e.strerror or e})")
+                problems.append(str(file_error(rel, e)))
                 continue
             if actual != rec.get("sha256"):
                 problems.append(f"{shown(rel)}: sha256 {actual}, expected {shown(rec.get('sha256'), 70)}")

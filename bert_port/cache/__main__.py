@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bert_port import hub
+from converters import runner
 from bert_port.cache import (DOWNLOADS, entry_names, entry_path, entry_state, human, invalidate, lock, remove_lock,
                              remove_tree, sweep_temp_dirs, tree_size)
 from converters.text import shown
@@ -121,41 +122,40 @@ def _cmd_fetch(root: Path, args: argparse.Namespace) -> int:
     for name in args.names:
         try:
             print(hub.resolve(name, cache_dir=root))
-        except hub.HubError:
-            if not offline:
+        except hub.HubError as e:  # the reason only: resolve's advice includes running this very command
+            if not hasattr(e, "reason"):
                 raise
-            # not resolve's own offline message: that one suggests running this very command
-            print(f"error: {shown(hub.canonical_name(name))}: not in the cache {shown(root)} (or unusable), and "
-                  "BERT_PORT_OFFLINE=1 forbids downloading: `fetch` needs network access; unset BERT_PORT_OFFLINE, "
-                  "or fetch on a connected machine and copy its cache (BERT_PORT_CACHE)", file=sys.stderr)
-            return 1
+            hint = "unset BERT_PORT_OFFLINE to download" if offline else \
+                "check the network, a proxy (HTTPS_PROXY) or BERT_PORT_HUB_URL"
+            raise hub.HubError(f"{e.reason}; {hint}") from None
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_port.cache", description="Manage bert_port's model cache.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = runner.parser("python -m bert_port.cache", "Manage bert_port's model cache.")
     parser.add_argument("--cache-dir", help="cache root (default: $BERT_PORT_CACHE or ~/.cache/bert_port)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="models in the cache, their size and state")
-    p = sub.add_parser("remove", help="delete cached models")
-    p.add_argument("names", nargs="+")
-    p = sub.add_parser("verify", help="re-hash cached files against their manifests")
-    p.add_argument("names", nargs="*", help="default: every cached model")
-    p.add_argument("--fix", action="store_true", help="re-download and convert corrupt models now")
-    p = sub.add_parser("fetch", help="download and convert models now (to use them offline later)")
-    p.add_argument("names", nargs="+")
-    args = parser.parse_args(argv)
+    sub = parser.add_subparsers(dest="command", metavar="{list,remove,verify,fetch}")
+    for name, helptext in (("list", "models in the cache, their size and state"),
+                           ("remove", "delete cached models and their interrupted downloads"),
+                           ("verify", "re-hash cached files against their manifests"),
+                           ("fetch", "download and convert models now (to use them offline later)")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        if name == "verify":
+            p.add_argument("names", nargs="*", help="cached model names (default: every cached model)")
+            p.add_argument("--fix", action="store_true", help="re-download and convert corrupt models now")
+        elif name != "list":
+            p.add_argument("names", nargs="+", help="model names (pretrained names or aliases)")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
     commands = {"list": _cmd_list, "remove": _cmd_remove, "verify": _cmd_verify, "fetch": _cmd_fetch}
-    try:
-        root = hub.settings(args.cache_dir).cache_dir
-        return commands[args.command](root, args)
-    except (OSError, ValueError) as e:  # HubError, ConversionError, bad names and env values
-        text = str(e).strip()
-        print(f"error: {shown(text.splitlines()[0] if text else type(e).__name__, 1000)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    root = hub.settings(args.cache_dir).cache_dir
+    return commands[args.command](root, args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return runner.run(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":
