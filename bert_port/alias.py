@@ -14,6 +14,7 @@ a submodule name the reference did not have is a plain ModuleNotFoundError.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.machinery
 import importlib.util
@@ -120,47 +121,60 @@ def install_alias() -> types.ModuleType:
     return top
 
 
-USAGE = ("usage: python -m bert_port.alias SCRIPT.py [ARGS...]\n"
-         "       python -m bert_port.alias -m MODULE [ARGS...]\n"
-         "Runs SCRIPT (or MODULE, as `python -m` would) unmodified, with `pytorch_pretrained_bert` served by "
-         "bert_port.")
+def build_parser() -> "argparse.ArgumentParser":
+    from converters import runner
+
+    p = runner.parser("python -m bert_port.alias",
+                      "Run a program written for pytorch_pretrained_bert unmodified, with `pytorch_pretrained_bert` "
+                      "(and its submodules) served by bert_port.",
+                      "The program's own exit status is passed through; its own errors print its own traceback.")
+    p.add_argument("-m", dest="as_module", action="store_true",
+                   help="PROGRAM is a module name, run as `python -m PROGRAM` would")
+    p.add_argument("program", metavar="PROGRAM", help="the script (SCRIPT.py) or, with -m, the module to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the program's own arguments, passed as they are")
+    return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """The runner: sys.argv and sys.path[0] as the script or module would see them; its exit status passes through."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] == "-m" and len(argv) < 2:
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    if argv[0] == "-m":
-        return _run_module(argv[1], argv[2:])
-    script = argv[0]
-    if not os.path.isfile(script):
-        print(f"bert_port.alias: error: can't open file {script!r}: no such file", file=sys.stderr)
-        return 2
-    install_alias()
-    sys.argv = argv
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")
+    """Parse (converters.runner's policy for our own errors), then run the program outside that policy:
+    sys.argv and sys.path[0] as the program would see them; its exit status passes through."""
+    from converters import runner
+
+    chosen: List[argparse.Namespace] = []
+    status = runner.run(build_parser(), lambda args: _check(args, chosen), argv)
+    if status or not chosen:
+        return status
+    args = chosen[0]
+    install_alias()  # first: finding a module runs its packages' code, which may import the reference
+    if args.as_module:
+        sys.path.insert(0, os.getcwd())
+        sys.argv = [args.program, *args.args]  # argv[0] becomes the module's file, as with `python -m`
+        runpy.run_module(args.program, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [args.program, *args.args]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(args.program)))
+        runpy.run_path(args.program, run_name="__main__")
     return 0
 
 
-def _run_module(module: str, args: List[str]) -> int:
-    """`python -m module args` under the alias (installed first: finding the module runs its packages' code)."""
-    install_alias()
-    sys.path.insert(0, os.getcwd())
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError as error:  # a missing parent package; other import errors are the program's own
-        if not error.name or not (module + ".").startswith(error.name + "."):
-            raise
-        found = False
-    if not found:
-        print(f"bert_port.alias: error: no module named {module!r}", file=sys.stderr)
-        return 1
-    sys.argv = [module, *args]  # argv[0] becomes the module's file, as with `python -m`
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
-    return 0
+def _check(args: argparse.Namespace, chosen: list) -> None:
+    """Our own errors (no such script or module) as one line; the program runs only after this."""
+    from converters.runner import UsageError
+
+    if not args.as_module and not os.path.isfile(args.program):  # exit 2, as `python SCRIPT` says
+        raise UsageError(f"can't open file {args.program!r}: no such file")
+    if args.as_module:
+        install_alias()
+        try:
+            found = importlib.util.find_spec(args.program) is not None
+        except ModuleNotFoundError as error:  # a missing parent package; other import errors are the program's
+            if not error.name or not (args.program + ".").startswith(error.name + "."):
+                raise
+            found = False
+        if not found:
+            raise ValueError(f"no module named {args.program!r}")
+    chosen.append(args)
+
 
 if __name__ == "__main__":
     from bert_port.alias import main as _main  # the importable module, so that its once-only state is shared
