@@ -213,7 +213,7 @@ def test_runner_runs_a_module_unmodified(tmp_path):
 @pytest.mark.parametrize("args,status,message", [
     (["no_such_script.py"], 2, "can't open file 'no_such_script.py'"),
     (["-m", "no_such_pkg.cli"], 1, "no module named 'no_such_pkg.cli'"),
-    ([], 2, "usage: python -m bert_port.alias"),
+    ([], 2, "python -m bert_port.alias: error: the following arguments are required: PROGRAM"),
 ])
 def test_runner_errors_are_one_line(tmp_path, args, status, message):
     result = run_python("-m", "bert_port.alias", *args, cwd=tmp_path)
