@@ -220,7 +220,7 @@ def test_runner_errors_are_one_line(tmp_path, args, status, message):
     assert result.returncode == status
     assert message in result.stderr and "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if not line.startswith("bert_port.install_alias:")]
-    assert len(lines) == (1 if args else 3), result.stderr
+    assert len(lines) == 1, result.stderr
 
 
 def test_file_utils_helpers_behave_as_the_reference(tmp_path):
