@@ -35,7 +35,7 @@ def parse_args():
     parser.add_argument("--model", required=True, help="a pytorch_pretrained_bert model directory")
     parser.add_argument("--out", required=True, help="the .npz file to write")
     parser.add_argument("--float64", action="store_true",
-                        help="run the model in float64 (the test's high-precision reference run, inference outputs only)")
+                        help="run the model in float64 (the test's high-precision reference, inference outputs)")
     return parser.parse_args()
 
 
