@@ -34,7 +34,16 @@ def parse_args():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True, help="a pytorch_pretrained_bert model directory")
     parser.add_argument("--out", required=True, help="the .npz file to write")
+    parser.add_argument("--float64", action="store_true",
+                        help="run the model in float64 (the test's high-precision reference, inference outputs)")
     return parser.parse_args()
+
+
+def float64_by_default(args):
+    """With --float64, float tensors made from here on are float64: for libraries that build the model
+    themselves, from the weights file only (no random initialization that the wider dtype would redraw)."""
+    if args.float64:
+        torch.set_default_dtype(torch.float64)
 
 
 def seed(value=0):

@@ -1,8 +1,9 @@
 """allennlp 0.8.4 (2019): PretrainedBertIndexer + PretrainedBertEmbedder, inference and fine-tuning.
 
-With a small `max_pieces` the indexer lays long sentences out as windows and the embedder runs
-every window as its own row, so shorter sentences contribute windows that are all padding; the
-embedder returns every position (no offsets) and its scalar mix reads all of them. Then a
+With a small `max_pieces` the indexer lays long sentences out as windows ([CLS] .. [SEP] [CLS] ..);
+the embedder (its own `max_pieces` is 512) runs each sentence's windows as one row, so the short
+sentences are rows of mostly padding (4 real pieces of 31). It returns every position (no offsets)
+and its scalar mix reads all of them. Then a
 classifier (the embedder with requires_grad, allennlp's BertPooler, a linear layer) takes three
 BertAdam steps (the optimizer allennlp registers as "bert_adam") in train mode, dropout on.
 """
@@ -42,12 +43,16 @@ def main():
     seed()
     tokens = batch_tensors(args.model)
     model = Classifier(args.model)
+    if args.float64:  # initialized in float32 like the other runs, then widened
+        model.double()
     outputs = {"ids": tokens["bert"]}
     model.eval()
     with torch.no_grad():
-        outputs["every_piece"] = model.embedder(tokens["bert"])  # windows of padding included
+        outputs["every_piece"] = model.embedder(tokens["bert"])  # padded positions included
         outputs["words"] = model.embedder(tokens["bert"], tokens["bert-offsets"])
         outputs["logits_before"] = model(tokens)
+    if args.float64:  # the float64 run is a reference for the inference outputs only
+        return save(args.out, outputs)
     labels = torch.tensor([i % 2 for i in range(len(SENTENCES))])
     optimizer = BertAdam(model.parameters(), lr=5e-4, warmup=0.1, t_total=10)
     model.train()

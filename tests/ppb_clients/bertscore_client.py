@@ -3,7 +3,7 @@
 Its greedy matching divides every token vector by its norm and then masks, so it reads the
 encoder's values at padded positions. Idf weighting on (its default), 4 layers.
 """
-from _common import SENTENCES, parse_args, save, seed
+from _common import SENTENCES, float64_by_default, parse_args, save, seed
 
 import bert_score
 from bert_score import utils
@@ -11,6 +11,7 @@ from bert_score import utils
 
 def main():
     args = parse_args()
+    float64_by_default(args)
     seed()
     utils.bert_types.append(args.model)  # accept a local model directory as the `bert` argument
     refs = SENTENCES

@@ -4,7 +4,7 @@ It runs BertModel on the padded batch and keeps, per word, the concatenation of 
 layers at the word's first word piece ("first" pooling) or the mean of its pieces ("mean").
 Importing flair.embeddings imports pytorch_pretrained_bert's GPT and Transformer-XL names.
 """
-from _common import SENTENCES, parse_args, save, seed
+from _common import SENTENCES, float64_by_default, parse_args, save, seed
 
 import torch
 from flair.data import Sentence
@@ -13,6 +13,7 @@ from flair.embeddings import BertEmbeddings
 
 def main():
     args = parse_args()
+    float64_by_default(args)
     seed()
     outputs = {}
     for pooling in ("first", "mean"):
