@@ -25,6 +25,21 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def command(module: str, doc: str, source: str, source_help: str, export_to: str = "") -> argparse.ArgumentParser:
+    """The parser of `python -m converters.MODULE`: its docstring's second paragraph as description,
+    `source` (the input path), then the import arguments, or for an export only `--out` (`export_to`)."""
+    p = parser(f"python -m converters.{module}", doc.split("\n\n")[1])
+    p.add_argument(source, help=source_help)
+    if export_to:
+        p.add_argument("--out", required=True, help=export_to)
+    else:
+        add_import_arguments(p)
+    return p
+
+
+MODEL_DIR_HELP = "directory with config.json and model.safetensors / pytorch_model.bin"
+
+
 def add_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="the source's bert_config.json")
     p.add_argument("--vocab", help="vocab.txt to copy into the output directory (default: none copied)")

@@ -17,10 +17,7 @@ def convert(src, config, out_dir, **options: Any) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("python -m converters.mge2torch", __doc__.split("\n\n")[1])
-    p.add_argument("src", help="MegEngine .pkl (state dict of BertModel or BertForSequenceClassification)")
-    cli.add_import_arguments(p)
-    return p
+    return cli.command("mge2torch", __doc__, "src", "MegEngine .pkl (state dict of BertModel or BertForSequenceClassification)")
 
 
 if __name__ == "__main__":

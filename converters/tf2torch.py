@@ -17,10 +17,7 @@ def convert(prefix, config, out_dir, **options: Any) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("python -m converters.tf2torch", __doc__.split("\n\n")[1])
-    p.add_argument("prefix", help="checkpoint prefix, e.g. uncased_L-12_H-768_A-12/bert_model.ckpt")
-    cli.add_import_arguments(p)
-    return p
+    return cli.command("tf2torch", __doc__, "prefix", "checkpoint prefix, e.g. uncased_L-12_H-768_A-12/bert_model.ckpt")
 
 
 if __name__ == "__main__":

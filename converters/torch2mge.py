@@ -12,10 +12,7 @@ from converters.convert import torch_to_mge
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("python -m converters.torch2mge", __doc__.split("\n\n")[1])
-    p.add_argument("model_dir", help="directory with config.json and model.safetensors / pytorch_model.bin")
-    p.add_argument("--out", required=True, help="output .pkl file")
-    return p
+    return cli.command("torch2mge", __doc__, "model_dir", cli.MODEL_DIR_HELP, export_to="output .pkl file")
 
 
 if __name__ == "__main__":

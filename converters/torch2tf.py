@@ -11,10 +11,7 @@ from converters.convert import torch_to_tf
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = cli.parser("python -m converters.torch2tf", __doc__.split("\n\n")[1])
-    p.add_argument("model_dir", help="directory with config.json and model.safetensors / pytorch_model.bin")
-    p.add_argument("--out", required=True, help="output checkpoint prefix, e.g. out/bert_model.ckpt")
-    return p
+    return cli.command("torch2tf", __doc__, "model_dir", cli.MODEL_DIR_HELP, export_to="output checkpoint prefix, e.g. out/bert_model.ckpt")
 
 
 if __name__ == "__main__":
