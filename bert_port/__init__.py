@@ -19,6 +19,7 @@ _EXPORTS = {
         "BertForQuestionAnswering", "BertForSequenceClassification", "BertForTokenClassification",
         "BertForTokenTagging")},
     "load_tf_weights_in_bert": "bert_port.modeling",
+    "quantize_int8": "bert_port.quantize",
     "BertAdam": "bert_port.optimization",
     "PYTORCH_PRETRAINED_BERT_CACHE": "bert_port.file_utils",
     "cached_path": "bert_port.file_utils",
@@ -26,7 +27,8 @@ _EXPORTS = {
     "CONFIG_NAME": "bert_port.file_utils",
 }
 _SUBMODULES = {"cache", "config", "data", "demo", "export", "file_utils", "finetune", "heads", "hub", "io", "kernels",
-               "metrics", "model", "modeling", "optimization", "pretrained", "tokenization"}
+               "metrics", "model", "modeling", "optimization", "pretrained", "quantize",
+               "tokenization"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,130 @@
+"""int8 inference: `quantize_int8(model)` returns a new model whose encoder linears run int8 GEMMs.
+
+The scheme, and why it is this one:
+- weights: symmetric int8 with one scale per output channel (row of W), computed once;
+- activations: asymmetric int8 with one scale and zero point per token (row of x), taken from that
+  row's min and max at every call (dynamic: no calibration data, nothing to re-tune per task);
+- y = s_x s_w (x_q @ W_q^T - zero rowsum(W_q)) + b, the int8 x int8 -> int32 product on `torch._int_mm`
+  (oneDNN: AMX or VNNI int8 instructions where the CPU has them).
+One scale per tensor for the activations (`torch.ao.quantization.quantize_dynamic`'s scheme) lets
+a single large token coarsen every other token of the batch: on all-MiniLM-L6-v2 it moves sentence
+embeddings to cosine 0.93. Per-token scales keep them above 0.99 (bench/bench_inference.py).
+
+What is quantized: every `nn.Linear` inside the encoder (`BertEncoder`): six per layer, almost all
+of the FLOPs. Embeddings, attention softmax, LayerNorm, the pooler and task heads stay in floating
+point. The returned model is a deep copy in eval mode (the input model is not touched); module
+names and the forward signature are the input's, each quantized linear is a `QuantizedLinear` with
+`weight_int8` / `weight_scale` / `bias` buffers (so `state_dict()` and module walkers see them).
+It is for inference only: no gradients flow through a `QuantizedLinear`.
+
+Export: a quantized model does not export to ONNX (ONNX has no per-token dynamic int8 matmul that
+ONNX Runtime runs fast); `torch.onnx.export` raises a RuntimeError saying so. To deploy int8 on
+ONNX Runtime, export the fp32 model (`python -m bert_port.export`) and quantize the ONNX file with
+`onnxruntime.quantization.quantize_dynamic`; bench/bench_inference.py compares both.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Tuple
+import torch
+from torch import nn
+
+# Input channels per call kept in floating point (see QuantizedLinear.forward); on all-MiniLM-L6-v2
+# 2 lift the worst sentence embedding from cosine 0.988 to 0.994, more do not help measurably.
+OUTLIER_COLUMNS = 2
+
+EXPORT_ERROR = ("QuantizedLinear (bert_port.quantize_int8) does not export to ONNX: export the fp32 model and "
+                "quantize the .onnx file with onnxruntime.quantization.quantize_dynamic instead")
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with int8 W (one scale per output row) and int8 x (one scale per token)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        # -s_w * rowsum(W_q): what an activation zero point costs each output (see forward).
+        self.register_buffer("weight_zero_term", torch.zeros(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "QuantizedLinear":
+        """Quantize an nn.Linear's weight per output channel; the bias stays in floating point."""
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        with torch.no_grad():
+            w_int8, w_scale = quantize_rows(linear.weight.detach().float())
+            q.weight_int8.copy_(w_int8)
+            q.weight_scale.copy_(w_scale.squeeze(1))
+            q.weight_zero_term.copy_(-w_scale.squeeze(1) * w_int8.sum(1, dtype=torch.int32).float())
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias.detach().float())
+        return q.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError(EXPORT_ERROR)
+        x2 = x.reshape(-1, self.in_features).float()
+        # The OUTLIER_COLUMNS input channels with the largest |value| in this batch stay in floating
+        # point: in BERT's residual stream a few channels carry most of some tokens' energy
+        # ([CLS], [SEP]), and a per-token scale set by them would leave the other channels ~2 levels.
+        cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(min(OUTLIER_COLUMNS, self.in_features)).indices
+        x_out = x2[:, cols]
+        xq, x_scale, x_zero = quantize_tokens(x2.index_fill(1, cols, 0.0))
+        acc = torch._int_mm(xq, self.weight_int8.t())  # (M, K) int8 @ (K, N) int8 -> (M, N) int32
+        # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (acc - zero rowsum(W_q))
+        # + outliers W[:, cols]^T + b: the zero-point and outlier terms are one thin GEMM with the bias.
+        w_out = self.weight_int8[:, cols].float().mul_(self.weight_scale[:, None])
+        y = torch.addmm(self._bias(), torch.cat([x_zero * x_scale, x_out], 1),
+                        torch.cat([self.weight_zero_term[None], w_out.t()], 0))
+        y = y.addcmul_(acc.float(), x_scale * self.weight_scale)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _bias(self) -> torch.Tensor:
+        return self.bias.float() if self.bias is not None else self.weight_scale.new_zeros(())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def quantize_rows(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row (the weights): (q int8 (N, K), scale (N, 1)), w ~= q * scale."""
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127
+    return (w / scale).round_().to(torch.int8), scale
+
+
+def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int8 with one scale and zero point per row (the tokens): x ~= (q - zero) * scale.
+
+    Asymmetric because several inputs are far from symmetric (GELU outputs lie in [-0.17, inf)):
+    the full 256 levels cover [min, max] of each token. On all-MiniLM-L6-v2 this moves the worst
+    sentence embedding from cosine 0.984 (symmetric per token) to 0.990 (bench/bench_inference.py).
+    """
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)  # (torch.aminmax is 6x slower here)
+    scale = (hi - lo).clamp_(min=1e-12) / 255
+    zero = (lo / scale).round_().add_(128).neg_()  # lo -> -128, hi -> 127
+    return (x / scale).add_(zero).round_().clamp_(-128, 127).to(torch.int8), scale, zero
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A new model whose encoder nn.Linear modules are `QuantizedLinear` (int8); `model` is unchanged.
+
+    Works on `BertModel` and every head (anything containing a bert_port `BertEncoder`). The copy
+    is in eval mode and is meant for inference (`torch.no_grad()` / `torch.inference_mode()`).
+    """
+    from bert_port.model import BertEncoder
+
+    encoders = [m for m in model.modules() if isinstance(m, BertEncoder)]
+    if not encoders:
+        raise ValueError(f"quantize_int8: {type(model).__name__} contains no bert_port BertEncoder to quantize")
+    # deepcopy's memo maps each encoder Linear to its quantized replacement: the copy gets the
+    # QuantizedLinear in its place and the fp32 weight is never duplicated.
+    memo = {id(m): QuantizedLinear.from_float(m) for enc in encoders for m in enc.modules() if isinstance(m, nn.Linear)}
+    return copy.deepcopy(model, memo).eval()
+
+
+def quantized_modules(model: nn.Module) -> int:
+    """How many QuantizedLinear modules `model` has (0 for a float model)."""
+    return sum(isinstance(m, QuantizedLinear) for m in model.modules())
