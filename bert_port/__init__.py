@@ -27,7 +27,7 @@ _EXPORTS = {
     "CONFIG_NAME": "bert_port.file_utils",
 }
 _SUBMODULES = {"cache", "config", "data", "demo", "export", "file_utils", "finetune", "heads", "hub", "io", "kernels",
-               "metrics", "model", "modeling", "optimization", "pretrained", "quantize",
+               "metrics", "model", "modeling", "inference", "optimization", "pretrained", "quantize",
                "tokenization"}
 
 __all__ = sorted(_EXPORTS)
