@@ -25,7 +25,10 @@ ONNX Runtime, export the fp32 model (`python -m bert_port.export`) and quantize 
 from __future__ import annotations
 
 import copy
-from typing import Tuple
+import functools
+import threading
+import weakref
+from typing import Optional, Tuple
 import torch
 from torch import nn
 
@@ -66,27 +69,84 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             raise RuntimeError(EXPORT_ERROR)
-        x2 = x.reshape(-1, self.in_features).float()
-        # The OUTLIER_COLUMNS input channels with the largest |value| in this batch stay in floating
-        # point: in BERT's residual stream a few channels carry most of some tokens' energy
-        # ([CLS], [SEP]), and a per-token scale set by them would leave the other channels ~2 levels.
-        cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(min(OUTLIER_COLUMNS, self.in_features)).indices
-        x_out = x2[:, cols]
-        xq, x_scale, x_zero = quantize_tokens(x2.index_fill(1, cols, 0.0))
-        acc = torch._int_mm(xq, self.weight_int8.t())  # (M, K) int8 @ (K, N) int8 -> (M, N) int32
-        # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (acc - zero rowsum(W_q))
+        xq, x_scale, x_zero, x_out, cols = _quantized_input(x)
+        scaled = self._int8_matmul(xq)  # (xq @ W_q^T) * s_w, fp32 (M, N)
+        # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (xq W_q^T - zero rowsum(W_q))
         # + outliers W[:, cols]^T + b: the zero-point and outlier terms are one thin GEMM with the bias.
         w_out = self.weight_int8[:, cols].float().mul_(self.weight_scale[:, None])
         y = torch.addmm(self._bias(), torch.cat([x_zero * x_scale, x_out], 1),
                         torch.cat([self.weight_zero_term[None], w_out.t()], 0))
-        y = y.addcmul_(acc.float(), x_scale * self.weight_scale)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y.addcmul_(scaled, x_scale).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _int8_matmul(self, xq: torch.Tensor) -> torch.Tensor:
+        """(xq @ W_q^T) * s_w in fp32: oneDNN's int8 linear on a prepacked weight (AMX/VNNI, the
+        per-channel scale applied inside the kernel), else torch._int_mm and a multiply."""
+        packed = _packed_weight(self)
+        if packed is None:
+            return torch._int_mm(xq, self.weight_int8.t()).float().mul_(self.weight_scale)
+        return _QLINEAR(xq, _ONE, _ZERO, packed, self.weight_scale.float(), _zeros(self.out_features), None,
+                        1.0, 0, torch.float32, "none", [], "")
 
     def _bias(self) -> torch.Tensor:
         return self.bias.float() if self.bias is not None else self.weight_scale.new_zeros(())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def _find_qlinear():
+    """oneDNN's int8 linear of this torch build (x86 builds with mkldnn), or None."""
+    try:
+        return torch.ops.onednn.qlinear_pointwise.tensor if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_QLINEAR = _find_qlinear()
+_ONE, _ZERO = torch.ones(()), torch.zeros((), dtype=torch.int64)
+# module -> ((weight_int8, its _version, data_ptr), oneDNN-packed weight): kept beside the module so
+# that its state_dict, deepcopy and .to() see only plain tensors.
+_packed: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _packed_weight(module: "QuantizedLinear") -> Optional[torch.Tensor]:
+    w = module.weight_int8
+    if _QLINEAR is None or w.device.type != "cpu" or module.weight_scale.dtype != torch.float32:
+        return None
+    source, entry = (w, w._version, w.data_ptr()), _packed.get(module)
+    if entry is None or entry[0][0] is not w or entry[0][1:] != source[1:]:
+        try:
+            entry = (source, torch.ops.onednn.qlinear_prepack(w, None))
+        except RuntimeError:  # no int8 primitive on this CPU
+            entry = (source, None)
+        _packed[module] = entry
+    return entry[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64)
+
+
+_last = threading.local()  # the last input quantized in this thread: query, key and value share it
+
+
+def _quantized_input(x: torch.Tensor):
+    """(int8 tokens, scale, zero, outlier values, outlier columns) of x, reused when the same tensor
+    object comes again unmodified (its version counter; tensors made under torch.inference_mode have
+    none, there the object decides): query, key and value read one hidden state."""
+    version = None if x.is_inference() else x._version
+    cached = getattr(_last, "entry", None)
+    if cached is not None and cached[0]() is x and cached[1] == version:
+        return cached[2]
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    # The OUTLIER_COLUMNS input channels with the largest |value| in this batch stay in floating
+    # point: in BERT's residual stream a few channels carry most of some tokens' energy
+    # ([CLS], [SEP]), and a per-token scale set by them would leave the other channels ~2 levels.
+    cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(min(OUTLIER_COLUMNS, x2.shape[1])).indices
+    result = quantize_tokens(x2.index_fill(1, cols, 0.0)) + (x2[:, cols], cols)
+    _last.entry = (weakref.ref(x), version, result)
+    return result
 
 
 def quantize_rows(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +165,8 @@ def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)  # (torch.aminmax is 6x slower here)
     scale = (hi - lo).clamp_(min=1e-12) / 255
     zero = (lo / scale).round_().add_(128).neg_()  # lo -> -128, hi -> 127
-    return (x / scale).add_(zero).round_().clamp_(-128, 127).to(torch.int8), scale, zero
+    q = torch.addcmul(zero, x, scale.reciprocal()).round_().clamp_(-128, 127)  # x / scale + zero
+    return q.to(torch.int8), scale, zero
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
