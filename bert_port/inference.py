@@ -8,8 +8,9 @@ runs the graph without Python per op. Still fp32 arithmetic (max |diff| ~1e-6 fr
 
 What it costs, said plainly:
 - a warm-up: the first call for each input shape compiles (tens of seconds on 2 cores; inductor
-  caches compiled graphs on disk, so later processes start faster). Serve fixed shapes (pad to a
-  few lengths) to avoid compiling per length;
+  caches compiled graphs on disk, so later processes start faster). Graphs are static per shape
+  (dynamic=False: weights prepacked for that row count); serve a few fixed shapes (pad to a few
+  lengths), since past torch._dynamo's recompile limit (8 shapes) calls run eagerly;
 - it needs a C++ compiler at run time (inductor's). If compiling fails, the wrapper warns once and
   runs the eager model from then on: same outputs, eager speed;
 - inference only: calls run under torch.no_grad(); the weights are treated as constants, so
@@ -48,7 +49,7 @@ class CompiledInference:
             if self.failed is None:
                 try:
                     if self._compiled is None:
-                        self._compiled = self._compile(self.model, options=OPTIONS)
+                        self._compiled = self._compile(self.model, dynamic=False, options=OPTIONS)
                     return self._compiled(*args, **kwargs)
                 except Exception as e:  # no C++ compiler, an unsupported op, ...: eager from now on
                     self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -34,8 +34,8 @@ def test_falls_back_to_eager_when_compiling_fails(monkeypatch):
     ids = torch.randint(1, TINY["vocab_size_or_config_json_file"], (1, 12))
     ref = reference(model, ids, monkeypatch)
 
-    def broken(module, options):
-        assert options["freezing"] and module is model
+    def broken(module, dynamic, options):
+        assert options["freezing"] and module is model and dynamic is False
         def run(*args, **kwargs):
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
         return run
