@@ -232,7 +232,8 @@ def machine() -> str:
 
 # ----------------------------------------------------------------------------- ONNX Runtime anchor
 
-def make_ort(model: torch.nn.Module, threads: int = THREADS, path: Optional[str] = None, int8: bool = False):
+def make_ort(model: torch.nn.Module, threads: int = THREADS, path: Optional[str] = None,
+             int8: bool = False):
     """HF `model` exported with torch.onnx.export (dynamic batch/sequence), run by ONNX Runtime's CPU EP
     with all graph optimisations on and `threads` intra-op threads: the deployment anchor.
 

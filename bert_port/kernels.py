@@ -114,7 +114,7 @@ def linear(module: nn.Module, x: torch.Tensor, act: Optional[Callable] = None,
         key = (x.dtype, module.in_features, module.out_features, _epilogue(act, residual), rows.bit_length(),
                grad, packed is not None)
         fast = _onednn if packed is None else _with_weight(packed)
-        choice = _choices.get(key) or _decide(key, module, x, act, residual, rows, fast)
+        choice = _choices.get(key) or _decide(key, module, x, act, residual, fast)
         if choice != "torch":
             return fast(module, x, act, residual)
     y = module(x)
@@ -154,17 +154,18 @@ def _with_weight(packed: torch.Tensor) -> Callable:
     return kernel
 
 
-def _decide(key: Key, module, x, act, residual, rows: int, fast: Callable) -> str:
+def _decide(key: Key, module, x, act, residual, fast: Callable) -> str:
     """Run `fast` and F.linear once, check they agree, time them (forward, plus backward under autograd)."""
     forced = os.environ.get("BERT_PORT_LINEAR", "auto").strip().lower()
     if forced not in ("auto", "torch", "onednn"):
         raise ValueError(f"BERT_PORT_LINEAR={forced!r}: use auto, torch or onednn")
     choice, name = "torch", "packed" if key[-1] else "onednn"
-    if forced == "onednn" or (forced == "auto" and rows >= MIN_ROWS):
+    if forced == "onednn" or (forced == "auto" and x.numel() // x.shape[-1] >= MIN_ROWS):
         grad = key[-2]
         # Detached copies: measuring must not touch the module's .grad, the caller's autograd graph,
         # or the global random stream (building an nn.Linear would draw its init from it).
-        probe = SimpleNamespace(weight=module.weight.detach().clone().requires_grad_(grad),  # (a packed kernel ignores it)
+        # (a packed kernel ignores probe.weight)
+        probe = SimpleNamespace(weight=module.weight.detach().clone().requires_grad_(grad),
                                 bias=None if module.bias is None else module.bias.detach().clone().requires_grad_(grad))
         xs, rs = x.detach(), None if residual is None else residual.detach()
 
@@ -208,10 +209,12 @@ def _faster(candidate: Callable[[], torch.Tensor], reference: Callable[[], torch
     return best[0] < MARGIN * best[1]
 
 
-def _onednn(module: nn.Linear, x: torch.Tensor, act=None, residual=None, grad: Optional[bool] = None) -> torch.Tensor:
+def _onednn(module: nn.Linear, x: torch.Tensor, act=None, residual=None, grad: Optional[bool] = None
+            ) -> torch.Tensor:
     w, b = module.weight, module.bias
     x2 = x.reshape(-1, x.shape[-1])
-    if _needs_grad(module, x, residual) if grad is None else grad:  # autograd: plain matmul forward and backward on oneDNN, epilogue in torch
+    # autograd: plain matmul forward and backward on oneDNN, epilogue in torch
+    if _needs_grad(module, x, residual) if grad is None else grad:
         if x.dtype != torch.float32:
             return linear_reference(module, x, act, residual)
         y = _OneDnnLinear.apply(x2.contiguous(), w, b).view(*x.shape[:-1], -1)

@@ -35,7 +35,8 @@ def test_returns_a_new_int8_model_and_leaves_the_input_alone():
     assert q is not model and not q.training
     assert [type(m) for m in model.modules()] == types  # input untouched
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    encoder = [m for n, m in q.named_modules() if n.startswith("encoder.") and isinstance(m, (nn.Linear, QuantizedLinear))]
+    encoder = [m for n, m in q.named_modules()
+               if n.startswith("encoder.") and isinstance(m, (nn.Linear, QuantizedLinear))]
     assert len(encoder) == 6 * SMALL["num_hidden_layers"] and all(isinstance(m, QuantizedLinear) for m in encoder)
     assert type(q.pooler.dense) is nn.Linear  # pooler and heads stay floating point
     assert q.encoder.layer[0].attention.self.query.weight_int8.dtype == torch.int8
