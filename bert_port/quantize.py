@@ -20,7 +20,9 @@ of the FLOPs. Embeddings, attention softmax, LayerNorm, the pooler and task head
 point. The returned model is a deep copy in eval mode (the input model is not touched); module
 names and the forward signature are the input's, each quantized linear is a `QuantizedLinear` with
 `weight_int8` / `weight_scale` / `bias` buffers (so `state_dict()` and module walkers see them).
-It is for inference only: no gradients flow through a `QuantizedLinear`.
+It is for inference only: no gradients flow through a `QuantizedLinear`. Save the fp32 model and
+quantize after loading: the copy's `save_pretrained` raises (from_pretrained would read its int8
+buffers as missing fp32 weights).
 
 Export: a quantized model does not export to ONNX (ONNX has no per-token dynamic int8 matmul that
 ONNX Runtime runs fast); `torch.onnx.export` raises a RuntimeError saying so. To deploy int8 on
@@ -189,7 +191,15 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     # deepcopy's memo maps each encoder Linear to its quantized replacement: the copy gets the
     # QuantizedLinear in its place and the fp32 weight is never duplicated.
     memo = {id(m): QuantizedLinear.from_float(m) for enc in encoders for m in enc.modules() if isinstance(m, nn.Linear)}
-    return copy.deepcopy(model, memo).eval()
+    quantized = copy.deepcopy(model, memo).eval()
+    if hasattr(quantized, "save_pretrained"):
+        quantized.save_pretrained = _refuse_save  # from_pretrained would read it as an fp32 model missing weights
+    return quantized
+
+
+def _refuse_save(*args, **kwargs):
+    raise ValueError("save_pretrained: this is a quantize_int8 model, which from_pretrained cannot load; "
+                     "save the fp32 model and call bert_port.quantize_int8 after loading it (about a second)")
 
 
 def quantized_modules(model: nn.Module) -> int:

@@ -55,6 +55,8 @@ def test_heads_and_non_bert_models():
     tagger = small(bp.BertForTokenTagging, 5)
     q = bp.quantize_int8(tagger)
     assert type(q.classifier) is nn.Linear and isinstance(q.bert.encoder.layer[1].output.dense, QuantizedLinear)
+    with pytest.raises(ValueError, match="save the fp32 model and call bert_port.quantize_int8 after loading"):
+        q.save_pretrained("unused")
     with pytest.raises(ValueError, match="contains no bert_port BertEncoder"):
         bp.quantize_int8(nn.Sequential(nn.Linear(4, 4)))
 
