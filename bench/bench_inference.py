@@ -152,8 +152,8 @@ def case_single(b: Bench) -> None:
 
 
 def case_bf16(b: Bench) -> None:
-    """bf16 against HF bf16 and fp32, ONNX Runtime fp32 and ONNX Runtime's best reduced precision on
-    x86 CPUs (int8 dynamic quantization: its CPU EP has no fast bf16/fp16 path there)."""
+    """bf16 against HF bf16 and fp32, ONNX Runtime fp32 and ONNX Runtime's reduced precision
+    (int8 dynamic quantization; an fp16/bf16 ONNX model is not tried)."""
     inputs = C.make_batch(8, 128, seed=3)
     ours_bf = copy.deepcopy(b.models["ours"]).to(torch.bfloat16)
     hf_bf = copy.deepcopy(b.models["hf_sdpa"]).to(torch.bfloat16)
