@@ -1,7 +1,7 @@
 """Inference benchmark, BERT-base (random weights), CPU: bert_port vs ONNX Runtime, HF transformers, ppb 0.6.2.
 
 Cases: fp32 8x128 full length; fp32 batch 16 with lengths uniform in 16-128 padded to 128;
-batch-1 latency (1x128 and 1x32, also with `kernels.prepack`); bf16 8x128 (bf16 weights and
+batch-1 latency (1x128 and 1x32, eager and `compile_for_inference`); bf16 8x128 (bf16 weights and
 autocast) against HF bf16, HF fp32, ONNX Runtime fp32 and ONNX Runtime int8; int8 8x128
 (`bert_port.quantize_int8`) against our fp32, ONNX Runtime fp32 and ONNX Runtime's own int8
 (`onnxruntime.quantization.quantize_dynamic`), with each int8's accuracy on real all-MiniLM-L6-v2
@@ -77,14 +77,11 @@ class Bench:
     """Models, forward functions and the rows/targets collected by the cases."""
 
     def __init__(self, args) -> None:
-        from bert_port import kernels
-
         self.args = args
         anchors = ["hf_sdpa"] if args.quick else ["hf_sdpa", "hf_eager", "ppb"]
         self.models = {impl: C.make_model(impl) for impl in ["ours"] + anchors}
         self.fns = {impl: C.forward_fn(impl, m) for impl, m in self.models.items()}
         self.fns["ort"] = C.make_ort(self.models["hf_sdpa"], args.threads)
-        self.packed = kernels.prepack(copy.deepcopy(self.models["ours"]))
         self._ort_int8 = None
         self.tables: Dict[Tuple[str, ...], List[list]] = {}  # header -> rows
         self.summary: List[tuple] = []
@@ -128,14 +125,13 @@ def case_padded(b: Bench) -> None:
 
 
 def case_single(b: Bench) -> None:
-    """Batch-1 latency: eager, with prepacked weights (`kernels.prepack`) and compiled
-    (`inference.compile_for_inference`: its compile time, per shape, is printed and not timed)."""
+    """Batch-1 latency: eager and compiled (`inference.compile_for_inference`: its compile time,
+    per shape, is printed and not timed)."""
     from bert_port.inference import compile_for_inference
 
     compiled = compile_for_inference(copy.deepcopy(b.models["ours"]))
-    b.fns["ours prepacked"] = C.forward_fn("ours", b.packed)
     b.fns["ours compiled"] = C.forward_fn("ours", compiled)
-    ours_names = ["ours", "ours prepacked", "ours compiled"]
+    ours_names = ["ours", "ours compiled"]
     for S in (128, 32):
         started = time.perf_counter()
         b.fns["ours compiled"](*C.make_batch(1, S, seed=2))
@@ -148,7 +144,7 @@ def case_single(b: Bench) -> None:
                 b.summary.append((f"fp32 1×{S} {o} vs ONNX Runtime ≥ 1.0", C.paired_ratio(t["ort"], t[o]), 1.0))
                 b.summary.append((f"fp32 1×{S} {o} vs HF sdpa ≥ 1.1", C.paired_ratio(t["hf_sdpa"], t[o]), 1.1))
     finally:
-        del b.fns["ours prepacked"], b.fns["ours compiled"]
+        del b.fns["ours compiled"]
 
 
 def case_bf16(b: Bench) -> None:

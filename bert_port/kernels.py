@@ -16,20 +16,11 @@ kernels, checks that they agree and keeps oneDNN only if it is measurably faster
 `BERT_PORT_LINEAR=torch` (or `onednn`) to force a choice; `choices()` shows what was decided.
 Tracing, scripting, ONNX export, torch.compile / torch.export and tensor subclasses always get
 "torch", the kernel every exporter knows.
-
-Batch-1 latency: `prepack(model)` (opt-in) keeps a oneDNN-blocked copy of each plain fp32/bf16
-linear weight beside the module, so inference skips re-laying out the weight on every call
-(`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing does). Same fp32 arithmetic
-(outputs within ~1e-6 of F.linear), the modules stay nn.Linear with their parameters. It costs the
-weights' memory once more and needs a warm-up call per input shape bucket, where "packed" is
-measured against "torch" like any other choice. A weight changed in place is re-packed on its next
-use; `prepack(model, False)` drops the copies.
 """
 from __future__ import annotations
 
 import os
 import time
-import weakref
 from types import SimpleNamespace
 from typing import Callable, Dict, Optional, Tuple
 
@@ -42,10 +33,8 @@ MIN_ROWS = 16
 # oneDNN must beat F.linear by this factor to be chosen: a tie goes to the standard kernel.
 MARGIN = 0.95
 
-Key = Tuple[torch.dtype, int, int, str, int, bool, bool]
+Key = Tuple[torch.dtype, int, int, str, int, bool]
 _choices: Dict[Key, str] = {}
-# prepack(): module -> ((the weight it was packed from, its _version, data_ptr, dtype), the packed weight).
-_packed: "weakref.WeakKeyDictionary[nn.Linear, Tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -63,40 +52,8 @@ _FUSABLE: Dict[Callable, Tuple[str, str]] = {gelu: ("gelu", "none"), gelu_tanh: 
 
 
 def choices() -> Dict[Key, str]:
-    """What was decided so far: (dtype, in_features, out_features, epilogue, rows bucket, autograd, prepacked)
-    -> kernel ("torch", "onednn" or "packed")."""
+    """What was decided so far: (dtype, in_features, out_features, epilogue, rows bucket, autograd) -> kernel."""
     return dict(_choices)
-
-
-def prepack(model: nn.Module, enable: bool = True) -> nn.Module:
-    """Keep (or, enable=False, drop) a oneDNN-blocked copy of every plain CPU linear weight in `model`.
-
-    For inference latency (see the module docstring): costs one more copy of the linear weights,
-    and a warm-up call per input shape bucket. Returns `model` itself (changed only in this cache).
-    """
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            if not enable or _ONEDNN_OP is None or m.weight.device.type != "cpu":
-                _packed.pop(m, None)
-            else:
-                _packed_weight(m, force=True)
-    return model
-
-
-def _packed_weight(module: nn.Linear, force: bool = False) -> Optional[torch.Tensor]:
-    """The module's packed weight, re-packed if the weight was replaced or changed in place; None if not prepacked."""
-    entry = _packed.get(module)
-    if entry is None and not force:
-        return None
-    w = module.weight
-    source = (w, w._version, w.data_ptr(), w.dtype)
-    if entry is None or any(a is not b and a != b for a, b in zip(entry[0], source)):
-        if w.dtype not in (torch.float32, torch.bfloat16):
-            _packed.pop(module, None)
-            return None
-        entry = (source, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
-        _packed[module] = entry
-    return entry[1]
 
 
 def reset() -> None:
@@ -109,14 +66,11 @@ def linear(module: nn.Module, x: torch.Tensor, act: Optional[Callable] = None,
     """act(module(x)) + residual, on the kernel chosen for this machine."""
     if _plain(module, x, residual):
         rows = x.numel() // x.shape[-1]
-        grad = _needs_grad(module, x, residual)
-        packed = None if grad or module not in _packed else _packed_weight(module)
         key = (x.dtype, module.in_features, module.out_features, _epilogue(act, residual), rows.bit_length(),
-               grad, packed is not None)
-        fast = _onednn if packed is None else _with_weight(packed)
-        choice = _choices.get(key) or _decide(key, module, x, act, residual, fast)
-        if choice != "torch":
-            return fast(module, x, act, residual)
+               _needs_grad(module, x, residual))
+        choice = _choices.get(key) or _decide(key, module, x, act, residual, rows)
+        if choice == "onednn":
+            return _onednn(module, x, act, residual)
     y = module(x)
     y = y if act is None else act(y)
     return y if residual is None else y + residual
@@ -147,24 +101,16 @@ def _needs_grad(module: nn.Linear, x: torch.Tensor, residual: Optional[torch.Ten
                                         or (residual is not None and residual.requires_grad))
 
 
-def _with_weight(packed: torch.Tensor) -> Callable:
-    """The oneDNN kernel with a prepacked weight in place of the module's."""
-    def kernel(module, x, act=None, residual=None):
-        return _onednn(SimpleNamespace(weight=packed, bias=module.bias), x, act, residual, grad=False)
-    return kernel
-
-
-def _decide(key: Key, module, x, act, residual, fast: Callable) -> str:
-    """Run `fast` and F.linear once, check they agree, time them (forward, plus backward under autograd)."""
+def _decide(key: Key, module, x, act, residual, rows: int) -> str:
+    """Run both kernels once, check they agree, time them (forward, plus backward under autograd)."""
     forced = os.environ.get("BERT_PORT_LINEAR", "auto").strip().lower()
     if forced not in ("auto", "torch", "onednn"):
         raise ValueError(f"BERT_PORT_LINEAR={forced!r}: use auto, torch or onednn")
-    choice, name = "torch", "packed" if key[-1] else "onednn"
-    if forced == "onednn" or (forced == "auto" and x.numel() // x.shape[-1] >= MIN_ROWS):
-        grad = key[-2]
+    choice = "torch"
+    if forced == "onednn" or (forced == "auto" and rows >= MIN_ROWS):
+        grad = key[-1]
         # Detached copies: measuring must not touch the module's .grad, the caller's autograd graph,
         # or the global random stream (building an nn.Linear would draw its init from it).
-        # (a packed kernel ignores probe.weight)
         probe = SimpleNamespace(weight=module.weight.detach().clone().requires_grad_(grad),
                                 bias=None if module.bias is None else module.bias.detach().clone().requires_grad_(grad))
         xs, rs = x.detach(), None if residual is None else residual.detach()
@@ -177,15 +123,15 @@ def _decide(key: Key, module, x, act, residual, fast: Callable) -> str:
             return y.detach()
 
         try:
-            out = run(fast)
+            fast = run(_onednn)
         except RuntimeError:  # e.g. no bf16 primitive on an AVX2-only CPU
-            out = None
+            fast = None
         ref = run(linear_reference)
         tol = 1e-4 if x.dtype == torch.float32 else 3e-2
-        if out is not None and torch.allclose(out.float(), ref.float(), rtol=tol,
-                                              atol=tol * (1 + float(ref.abs().max()))):
-            if forced == "onednn" or _faster(lambda: run(fast), lambda: run(linear_reference)):
-                choice = name
+        if fast is not None and torch.allclose(fast.float(), ref.float(), rtol=tol,
+                                               atol=tol * (1 + float(ref.abs().max()))):
+            if forced == "onednn" or _faster(lambda: run(_onednn), lambda: run(linear_reference)):
+                choice = "onednn"
     _choices[key] = choice
     return choice
 
@@ -209,12 +155,10 @@ def _faster(candidate: Callable[[], torch.Tensor], reference: Callable[[], torch
     return best[0] < MARGIN * best[1]
 
 
-def _onednn(module: nn.Linear, x: torch.Tensor, act=None, residual=None, grad: Optional[bool] = None
-            ) -> torch.Tensor:
+def _onednn(module: nn.Linear, x: torch.Tensor, act=None, residual=None) -> torch.Tensor:
     w, b = module.weight, module.bias
     x2 = x.reshape(-1, x.shape[-1])
-    # autograd: plain matmul forward and backward on oneDNN, epilogue in torch
-    if _needs_grad(module, x, residual) if grad is None else grad:
+    if _needs_grad(module, x, residual):  # autograd: plain matmul forward and backward on oneDNN, epilogue in torch
         if x.dtype != torch.float32:
             return linear_reference(module, x, act, residual)
         y = _OneDnnLinear.apply(x2.contiguous(), w, b).view(*x.shape[:-1], -1)
