@@ -171,10 +171,11 @@ def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.
     sentence embeddings from cosine 0.984 (symmetric per token) to 0.994 (bench/README.md).
     """
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)  # (torch.aminmax is 6x slower here)
-    scale = (hi - lo).clamp_(min=1e-12) / 255
-    zero = (lo / scale).round_().add_(128).neg_()  # lo -> -128, hi -> 127
-    q = torch.addcmul(zero, x, scale.reciprocal()).round_().clamp_(-128, 127)  # x / scale + zero
-    return q.to(torch.int8), scale, zero
+    # A real-valued zero point (the matmul's correction term takes any value) maps lo to -127.5 and hi
+    # to 127.49: rounding stays within [-128, 127] without a clamp pass.
+    inv = 254.99 / (hi - lo).clamp_(min=1e-12)
+    zero = torch.addcmul(torch.full_like(lo, -127.5), lo, inv, value=-1.0)
+    return torch.addcmul(zero, x, inv).round_().to(torch.int8), inv.reciprocal(), zero  # round(x / scale + zero)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
