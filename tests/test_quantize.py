@@ -121,3 +121,16 @@ def test_minilm_sentence_embeddings_stay_put(minilm_dir):
     assert len(cos) == len(SENTENCES)
     assert cos.min() >= 0.99, {s: round(float(c), 4) for s, c in zip(SENTENCES, cos) if c < 0.99}
     assert (ea @ ea.T - eb @ eb.T).abs().max() <= 0.02
+
+
+def test_without_onednn_int8_the_int_mm_path_gives_the_same_model(monkeypatch):
+    """Builds without oneDNN's int8 linear (non-x86) run torch._int_mm: same integers, same result."""
+    from bert_port import quantize as Q
+
+    q = bp.quantize_int8(small())
+    ids, types_, mask = make_inputs(vocab=SMALL["vocab_size_or_config_json_file"])
+    with torch.no_grad():
+        fast = q(ids, types_, mask, output_all_encoded_layers=False)[0]
+        monkeypatch.setattr(Q, "_QLINEAR", None)
+        plain = q(ids, types_, mask, output_all_encoded_layers=False)[0]
+    assert (fast - plain)[mask.bool()].abs().max() <= 1e-4
