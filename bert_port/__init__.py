@@ -17,6 +17,7 @@ _EXPORTS = {
     "BasicTokenizer": "bert_port.tokenization",
     "WordpieceTokenizer": "bert_port.tokenization",
     "load_tf_weights_in_bert": "bert_port.modeling",
+    "quantize_int8": "bert_port.quantize",
     "BertAdam": "bert_port.optimization",
     "PYTORCH_PRETRAINED_BERT_CACHE": "bert_port.file_utils",
     "cached_path": "bert_port.file_utils",
@@ -24,8 +25,8 @@ _EXPORTS = {
     "CONFIG_NAME": "bert_port.file_utils",
     "install_alias": "bert_port.alias",
 }
-_SUBMODULES = {"alias", "cache", "config", "data", "demo", "export", "file_utils", "finetune", "heads", "hub", "io",
-               "kernels", "metrics", "model", "modeling", "optimization", "pretrained", "tokenization"}
+_SUBMODULES = {"alias", "cache", "config", "data", "demo", "export", "file_utils", "finetune", "heads", "hub", "inference",
+               "io", "kernels", "metrics", "model", "modeling", "optimization", "pretrained", "quantize", "tokenization"}
 
 def _model_classes() -> dict:
     return importlib.import_module("bert_port.heads").MODEL_CLASSES

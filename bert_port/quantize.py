@@ -1,0 +1,208 @@
+"""int8 inference: `quantize_int8(model)` returns a new model whose encoder linears run int8 GEMMs.
+
+The scheme, and why it is this one:
+- weights: symmetric int8 with one scale per output channel (row of W), computed once;
+- activations: asymmetric int8 with one scale and zero point per token (row of x), taken from that
+  row's min and max at every call (dynamic: no calibration data, nothing to re-tune per task);
+- y = s_x s_w (x_q @ W_q^T - zero rowsum(W_q)) + b, the int8 product on oneDNN's int8 linear with a
+  prepacked weight (AMX or VNNI instructions where the CPU has them; `torch._int_mm` elsewhere).
+  The prepacked copy lives beside the module (not in its state), made on first use.
+- the input is quantized once per tensor: query, key and value share it (see _quantized_input).
+The quantization of a token does not depend on the batch, except which 2 input channels stay in
+floating point (the largest in the batch; see OUTLIER_COLUMNS).
+One scale per tensor for the activations (`torch.ao.quantization.quantize_dynamic`'s scheme) lets
+a single large token coarsen every other token of the batch: on all-MiniLM-L6-v2 it moves sentence
+embeddings to cosine 0.93. Per-token scales, with the two largest input channels of each call kept
+in floating point, keep them above 0.99 (bench/README.md).
+
+What is quantized: every `nn.Linear` inside the encoder (`BertEncoder`): six per layer, almost all
+of the FLOPs. Embeddings, attention softmax, LayerNorm, the pooler and task heads stay in floating
+point. The returned model is a deep copy in eval mode (the input model is not touched); module
+names and the forward signature are the input's, each quantized linear is a `QuantizedLinear` with
+`weight_int8` / `weight_scale` / `bias` buffers (so `state_dict()` and module walkers see them).
+It is for inference only: no gradients flow through a `QuantizedLinear`. Save the fp32 model and
+quantize after loading: the copy's `save_pretrained` raises (from_pretrained would read its int8
+buffers as missing fp32 weights).
+
+Export: a quantized model does not export to ONNX (ONNX has no per-token dynamic int8 matmul that
+ONNX Runtime runs fast); `torch.onnx.export` raises a RuntimeError saying so. To deploy int8 on
+ONNX Runtime, export the fp32 model (`python -m bert_port.export`) and quantize the ONNX file with
+`onnxruntime.quantization.quantize_dynamic`; bench/bench_inference.py compares both.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import threading
+import weakref
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+# Input channels per call kept in floating point (see _quantized_input); on all-MiniLM-L6-v2, 2 lift the
+# worst of 22 sentence embeddings from cosine 0.988 to 0.994 (pairwise change 0.023 -> 0.016); 4-16 do no better.
+OUTLIER_COLUMNS = 2
+
+EXPORT_ERROR = ("QuantizedLinear (bert_port.quantize_int8) does not export to ONNX: export the fp32 model and "
+                "quantize the .onnx file with onnxruntime.quantization.quantize_dynamic instead")
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with int8 W (one scale per output row) and int8 x (one scale per token)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        # -s_w * rowsum(W_q): what an activation zero point costs each output (see forward).
+        self.register_buffer("weight_zero_term", torch.zeros(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "QuantizedLinear":
+        """Quantize an nn.Linear's weight per output channel; the bias stays in floating point."""
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        with torch.no_grad():
+            w_int8, w_scale = quantize_rows(linear.weight.detach().float())
+            q.weight_int8.copy_(w_int8)
+            q.weight_scale.copy_(w_scale.squeeze(1))
+            q.weight_zero_term.copy_(-w_scale.squeeze(1) * w_int8.sum(1, dtype=torch.int32).float())
+            if linear.bias is not None:
+                q.bias.copy_(linear.bias.detach().float())
+        return q.to(linear.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise RuntimeError(EXPORT_ERROR)
+        xq, x_scale, x_zero, x_out, cols = _quantized_input(x)
+        scaled = self._int8_matmul(xq)  # (xq @ W_q^T) * s_w, fp32 (M, N)
+        # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (xq W_q^T - zero rowsum(W_q))
+        # + outliers W[:, cols]^T + b: the zero-point and outlier terms are one thin GEMM with the bias.
+        w_out = self.weight_int8[:, cols].float().mul_(self.weight_scale[:, None])
+        y = torch.addmm(self._bias(), torch.cat([x_zero * x_scale, x_out], 1),
+                        torch.cat([self.weight_zero_term[None], w_out.t()], 0))
+        return y.addcmul_(scaled, x_scale).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _int8_matmul(self, xq: torch.Tensor) -> torch.Tensor:
+        """(xq @ W_q^T) * s_w in fp32: oneDNN's int8 linear on a prepacked weight (AMX/VNNI, the
+        per-channel scale applied inside the kernel), else torch._int_mm and a multiply."""
+        packed = _packed_weight(self)
+        if packed is None:
+            return torch._int_mm(xq, self.weight_int8.t()).float().mul_(self.weight_scale)
+        return _QLINEAR(xq, _ONE, _ZERO, packed, self.weight_scale.float(), _zeros(self.out_features), None,
+                        1.0, 0, torch.float32, "none", [], "")
+
+    def _bias(self) -> torch.Tensor:
+        return self.bias.float() if self.bias is not None else self.weight_scale.new_zeros(())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def _find_qlinear():
+    """oneDNN's int8 linear of this torch build (x86 builds with mkldnn), or None."""
+    try:
+        return torch.ops.onednn.qlinear_pointwise.tensor if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_QLINEAR = _find_qlinear()
+_ONE, _ZERO = torch.ones(()), torch.zeros((), dtype=torch.int64)
+# module -> ((weight_int8, its _version, data_ptr), oneDNN-packed weight): kept beside the module so
+# that its state_dict, deepcopy and .to() see only plain tensors.
+_packed: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _packed_weight(module: "QuantizedLinear") -> Optional[torch.Tensor]:
+    w = module.weight_int8
+    if _QLINEAR is None or w.device.type != "cpu" or module.weight_scale.dtype != torch.float32:
+        return None
+    source, entry = (w, w._version, w.data_ptr()), _packed.get(module)
+    if entry is None or entry[0][0] is not w or entry[0][1:] != source[1:]:
+        try:
+            entry = (source, torch.ops.onednn.qlinear_prepack(w, None))
+        except RuntimeError:  # no int8 primitive on this CPU
+            entry = (source, None)
+        _packed[module] = entry
+    return entry[1]
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.int64)
+
+
+_last = threading.local()  # the last input quantized in this thread: query, key and value share it
+
+
+def _quantized_input(x: torch.Tensor):
+    """(int8 tokens, scale, zero, outlier values, outlier columns) of x, reused when the same tensor
+    object comes again unmodified (its version counter; tensors made under torch.inference_mode have
+    none, there the object decides): query, key and value read one hidden state."""
+    version = None if x.is_inference() else x._version
+    cached = getattr(_last, "entry", None)
+    if cached is not None and cached[0]() is x and cached[1] == version:
+        return cached[2]
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    # The OUTLIER_COLUMNS input channels with the largest |value| in this batch stay in floating
+    # point: in BERT's residual stream a few channels carry most of some tokens' energy
+    # ([CLS], [SEP]), and a per-token scale set by them would leave the other channels ~2 levels.
+    cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(min(OUTLIER_COLUMNS, x2.shape[1])).indices
+    result = quantize_tokens(x2.index_fill(1, cols, 0.0)) + (x2[:, cols], cols)
+    _last.entry = (weakref.ref(x), version, result)
+    return result
+
+
+def quantize_rows(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row (the weights): (q int8 (N, K), scale (N, 1)), w ~= q * scale."""
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127
+    return (w / scale).round_().to(torch.int8), scale
+
+
+def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int8 with one scale and zero point per row (the tokens): x ~= (q - zero) * scale.
+
+    Asymmetric because several inputs are far from symmetric (GELU outputs lie in [-0.17, inf)):
+    the full 256 levels cover [min, max] of each token. On all-MiniLM-L6-v2 this moves the worst of 12
+    sentence embeddings from cosine 0.984 (symmetric per token) to 0.994 (bench/README.md).
+    """
+    lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)  # (torch.aminmax is 6x slower here)
+    # A real-valued zero point (the matmul's correction term takes any value) maps lo to -127.5 and hi
+    # to 127.49: rounding stays within [-128, 127] without a clamp pass.
+    inv = 254.99 / (hi - lo).clamp_(min=1e-12)
+    zero = torch.addcmul(torch.full_like(lo, -127.5), lo, inv, value=-1.0)
+    return torch.addcmul(zero, x, inv).round_().to(torch.int8), inv.reciprocal(), zero  # round(x / scale + zero)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A new model whose encoder nn.Linear modules are `QuantizedLinear` (int8); `model` is unchanged.
+
+    Works on `BertModel` and every head (anything containing a bert_port `BertEncoder`). The copy
+    is in eval mode and is meant for inference (`torch.no_grad()` / `torch.inference_mode()`).
+    """
+    from bert_port.model import BertEncoder
+
+    encoders = [m for m in model.modules() if isinstance(m, BertEncoder)]
+    if not encoders:
+        raise ValueError(f"quantize_int8: {type(model).__name__} contains no bert_port BertEncoder to quantize")
+    # deepcopy's memo maps each encoder Linear to its quantized replacement: the copy gets the
+    # QuantizedLinear in its place and the fp32 weight is never duplicated.
+    memo = {id(m): QuantizedLinear.from_float(m) for enc in encoders for m in enc.modules() if isinstance(m, nn.Linear)}
+    quantized = copy.deepcopy(model, memo).eval()
+    if hasattr(quantized, "save_pretrained"):
+        quantized.save_pretrained = _refuse_save  # from_pretrained would read it as an fp32 model missing weights
+    return quantized
+
+
+def _refuse_save(*args, **kwargs):
+    raise ValueError("save_pretrained: this is a quantize_int8 model, which from_pretrained cannot load; "
+                     "save the fp32 model and call bert_port.quantize_int8 after loading it (about a second)")
+
+
+def quantized_modules(model: nn.Module) -> int:
+    """How many QuantizedLinear modules `model` has (0 for a float model)."""
+    return sum(isinstance(m, QuantizedLinear) for m in model.modules())

@@ -1,0 +1,136 @@
+"""`bert_port.quantize_int8`: a new int8 model, same interface, accuracy on real MiniLM weights.
+
+The reference is the fp32 model itself (independent of the int8 code); the accuracy targets are
+issue 19's: mean-pooled sentence embeddings at cosine >= 0.99 to fp32 for every sentence of a varied
+set, pairwise sentence similarities moved by <= 0.02.
+"""
+import inspect
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bert_port as bp
+from bench.common import SENTENCES, sentence_batch
+from bert_port.quantize import EXPORT_ERROR, QuantizedLinear
+from tests.conftest import TINY, make_inputs, scale_weights_
+
+SMALL = dict(TINY, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+
+
+def small(head=bp.BertModel, *args):
+    torch.manual_seed(0)
+    model = head(bp.BertConfig(**SMALL), *args)
+    scale_weights_(model, std=0.1, seed=0)
+    return model.eval()
+
+
+def test_returns_a_new_int8_model_and_leaves_the_input_alone():
+    model = small()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    q = bp.quantize_int8(model)
+    assert q is not model and not q.training
+    assert [type(m) for m in model.modules()] == types  # input untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    encoder = [m for n, m in q.named_modules()
+               if n.startswith("encoder.") and isinstance(m, (nn.Linear, QuantizedLinear))]
+    assert len(encoder) == 6 * SMALL["num_hidden_layers"] and all(isinstance(m, QuantizedLinear) for m in encoder)
+    assert type(q.pooler.dense) is nn.Linear  # pooler and heads stay floating point
+    assert q.encoder.layer[0].attention.self.query.weight_int8.dtype == torch.int8
+    assert inspect.signature(q.forward) == inspect.signature(model.forward)
+    ids, types_, mask = make_inputs(batch=3, seq_len=20, vocab=SMALL["vocab_size_or_config_json_file"])
+    with torch.no_grad():
+        ref, ref_pooled = model(ids, types_, mask, output_all_encoded_layers=False)
+        seq, pooled = q(ids, types_, mask, output_all_encoded_layers=False)
+        layers, _ = q(ids, types_, mask)  # the default: all encoded layers, as the fp32 model
+    assert len(layers) == SMALL["num_hidden_layers"] and seq.shape == ref.shape and pooled.shape == ref_pooled.shape
+    real = mask.bool()
+    assert F.cosine_similarity(seq[real], ref[real], dim=-1).min() > 0.99
+
+
+def test_heads_and_non_bert_models():
+    tagger = small(bp.BertForTokenTagging, 5)
+    q = bp.quantize_int8(tagger)
+    assert type(q.classifier) is nn.Linear and isinstance(q.bert.encoder.layer[1].output.dense, QuantizedLinear)
+    with pytest.raises(ValueError, match="save the fp32 model and call bert_port.quantize_int8 after loading"):
+        q.save_pretrained("unused")
+    with pytest.raises(ValueError, match="contains no bert_port BertEncoder"):
+        bp.quantize_int8(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_quantized_linear_keeps_outlier_channels():
+    """One channel 100x larger than the rest (BERT's [CLS]/[SEP] tokens look like this): the other
+    channels still count."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    x = torch.randn(8, 256)
+    x[:, 17] *= 100
+    q = QuantizedLinear.from_float(lin)
+    with torch.no_grad():
+        ref, got = lin(x), q(x)
+        ref_rest = lin(x.index_fill(1, torch.tensor([17]), 0.0)) - lin.bias
+        got_rest = got - lin(torch.zeros(1, 256)) - (ref - ref_rest - lin.bias)
+    assert (got - ref).abs().max() / ref.abs().max() < 0.01
+    assert F.cosine_similarity(got_rest, ref_rest).min() > 0.99
+
+
+def test_no_deprecated_api():
+    model = small()
+    ids, types_, mask = make_inputs(vocab=SMALL["vocab_size_or_config_json_file"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", UserWarning)  # torch's quantized-tensor deprecation is a UserWarning
+        q = bp.quantize_int8(model)
+        with torch.no_grad():
+            q(ids, types_, mask)
+
+
+def test_onnx_export_says_what_to_do(tmp_path):
+    class Last(nn.Module):  # what bert_port.export and bench/common.py export: the last layer
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, i, t, a):
+            return self.m(i, t, a, output_all_encoded_layers=False)[0]
+
+    q = Last(bp.quantize_int8(small()))
+    ids, types_, mask = make_inputs(vocab=SMALL["vocab_size_or_config_json_file"])
+    with pytest.raises(Exception) as info:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(q, (ids, types_, mask), f=str(tmp_path / "q.onnx"), dynamo=False)
+    assert EXPORT_ERROR in str(info.value)
+
+
+def test_minilm_sentence_embeddings_stay_put(minilm_dir):
+    """Real all-MiniLM-L6-v2 weights, 22 varied sentences (short replies, numbers, code, URLs, French,
+    German): every mean-pooled embedding at cosine >= 0.99 to fp32, pairwise similarities within 0.02."""
+    model = bp.BertModel.from_pretrained(str(minilm_dir)).eval()
+    ids, types_, mask = sentence_batch(str(minilm_dir))
+    with torch.no_grad():
+        a = model(ids, types_, mask, output_all_encoded_layers=False)[0]
+        b = bp.quantize_int8(model)(ids, types_, mask, output_all_encoded_layers=False)[0]
+    m = mask[..., None].float()
+    ea, eb = (F.normalize((h * m).sum(1) / m.sum(1), dim=1) for h in (a, b))
+    cos = (ea * eb).sum(1)
+    assert len(cos) == len(SENTENCES)
+    assert cos.min() >= 0.99, {s: round(float(c), 4) for s, c in zip(SENTENCES, cos) if c < 0.99}
+    assert (ea @ ea.T - eb @ eb.T).abs().max() <= 0.02
+
+
+def test_without_onednn_int8_the_int_mm_path_gives_the_same_model(monkeypatch):
+    """Builds without oneDNN's int8 linear (non-x86) run torch._int_mm: same integers, same result."""
+    from bert_port import quantize as Q
+
+    q = bp.quantize_int8(small())
+    ids, types_, mask = make_inputs(vocab=SMALL["vocab_size_or_config_json_file"])
+    with torch.no_grad():
+        fast = q(ids, types_, mask, output_all_encoded_layers=False)[0]
+        monkeypatch.setattr(Q, "_QLINEAR", None)
+        plain = q(ids, types_, mask, output_all_encoded_layers=False)[0]
+    assert (fast - plain)[mask.bool()].abs().max() <= 1e-4
