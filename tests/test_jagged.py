@@ -179,7 +179,7 @@ def test_readme_jagged_snippet_runs_and_matches_transformers(minilm_dir):
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     (block,) = [b for b in blocks if "layout=torch.jagged" in b]
     scope = {}
-    exec(compile(block.replace('"bert-base-uncased"', repr(str(minilm_dir))), "README.md", "exec"), scope)
+    exec(compile(block.replace('"bert_port-demo-model"', repr(str(minilm_dir))), "README.md", "exec"), scope)
     lengths = [len(i) for i in scope["ids"]]
     assert [len(t) for t in scope["tags"]] == lengths and len(set(lengths)) == len(lengths)
     input_ids = torch.nn.utils.rnn.pad_sequence(scope["ids"], batch_first=True)
