@@ -23,7 +23,7 @@ def run(threads: int, notes: List[str]) -> List[tuple]:
     """Fine-tune, evaluate fp32 and int8 on the dev set; returns the summary rows (target, value, goal)."""
     import bert_port as bp
     from bert_port import finetune
-    from bert_port._finetune_tasks import TASKS
+    from bert_port._finetune_tasks import TASKS, Predicting, no_amp
     from bert_port.data import label_map_from_config, read_conll
     from tests import finetune_data as FD
 
@@ -47,7 +47,7 @@ def run(threads: int, notes: List[str]) -> List[tuple]:
         task = TASKS["tag"]
         f1 = {}
         for name, m in (("fp32", model), ("int8", bp.quantize_int8(model))):
-            predicted = task.predict(m, dev, tok, labels, 40, 32, torch.device("cpu"))
+            predicted = task.predict(m, dev, Predicting(tok, labels, 40, 32, torch.device("cpu"), no_amp))
             f1[name] = 100 * task.score(dev, predicted, labels).scores()["f1"]
     notes.append(f"int8 task (MiniLM tagger, {len(dev)} held-out sentences, {time.time() - started:.0f} s): "
                  f"entity F1 fp32 {f1['fp32']:.2f}, int8 {f1['int8']:.2f}")

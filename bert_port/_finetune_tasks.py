@@ -8,7 +8,8 @@ instead of gathering predictions).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,19 @@ from bert_port import metrics as M
 from bert_port.heads import BertForSequenceClassification, BertForTokenTagging
 
 AmpContext = Callable[[], ContextManager]
+
+
+@dataclass(frozen=True)
+class Predicting:
+    """How a task predicts: the tokenizer, the label names (ids -> names), the window length in
+    pieces, the batch size, the device and the autocast context."""
+
+    tokenizer: Any
+    labels: Sequence[str]
+    max_seq_length: int
+    batch_size: int
+    device: torch.device
+    amp: "AmpContext"
 
 
 def no_amp() -> ContextManager:
@@ -79,12 +93,12 @@ class TagTask:
     def count(self, batch) -> int:
         return int((batch["labels"] != D.IGNORE).sum())
 
-    def predict(self, model, examples: Sequence[D.Sentence], tokenizer, labels: Sequence[str], max_seq_length: int,
-                batch_size: int, device, amp: AmpContext = no_amp) -> List[List[str]]:
+    def predict(self, model, examples: Sequence[D.Sentence], how: Predicting) -> List[List[str]]:
         """Predicted tags per word; long sentences are split into windows so no word is lost."""
-        windows = [D.encode_windows(s.words, None, tokenizer, None, max_seq_length) for s in examples]
+        labels = how.labels
+        windows = [D.encode_windows(s.words, None, how.tokenizer, None, how.max_seq_length) for s in examples]
         flat = [f for w in windows for f in w]
-        preds = argmax_predictions(model, flat, batch_size, device, D.pad_id_of(tokenizer), amp)
+        preds = argmax_predictions(model, flat, how.batch_size, how.device, D.pad_id_of(how.tokenizer), how.amp)
         out, k = [], 0
         for s, w in zip(examples, windows):
             ids = D.word_predictions(w, preds[k:k + len(w)], len(s.words))
@@ -132,10 +146,10 @@ class ClassifyTask:
     def count(self, batch) -> int:
         return int(batch["labels"].numel())
 
-    def predict(self, model, examples: Sequence[D.PairExample], tokenizer, labels: Sequence[str], max_seq_length: int,
-                batch_size: int, device, amp: AmpContext = no_amp) -> List[str]:
-        feats = [D.encode_pair(e.text_a, e.text_b, tokenizer, max_seq_length) for e in examples]
-        return [labels[i] for i in argmax_predictions(model, feats, batch_size, device, D.pad_id_of(tokenizer), amp)]
+    def predict(self, model, examples: Sequence[D.PairExample], how: Predicting) -> List[str]:
+        feats = [D.encode_pair(e.text_a, e.text_b, how.tokenizer, how.max_seq_length) for e in examples]
+        ids = argmax_predictions(model, feats, how.batch_size, how.device, D.pad_id_of(how.tokenizer), how.amp)
+        return [how.labels[i] for i in ids]
 
     def score(self, examples: Sequence[D.PairExample], predicted: Sequence[str], labels) -> M.ClassCounts:
         index = {lab: i for i, lab in enumerate(labels)}

@@ -35,7 +35,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from bert_port import data as D
 from bert_port._finetune_dist import DistContext
-from bert_port._finetune_tasks import TASKS
+from bert_port._finetune_tasks import TASKS, Predicting
 from bert_port.io import atomic_path, atomic_write_text
 from bert_port.optimization import BertAdam, adamw_with_warmup, bert_param_groups
 
@@ -320,8 +320,9 @@ def evaluate(run: Run) -> Dict:
     task, labels, args = run.task, run.data.labels, run.args
     counts = task.zero(labels)
     if run.dev_shard:
-        predicted = task.predict(run.model, run.dev_shard, run.tokenizer, labels, args.max_seq_length,
-                                 args.eval_batch_size or args.batch_size, run.ctx.device, run.amp)
+        how = Predicting(run.tokenizer, labels, args.max_seq_length, args.eval_batch_size or args.batch_size,
+                         run.ctx.device, run.amp)
+        predicted = task.predict(run.model, run.dev_shard, how)
         counts = task.score(run.dev_shard, predicted, labels)
     total = task.zero(labels)
     for c in run.ctx.gather(counts):

@@ -190,7 +190,7 @@ def run_predict(args, log) -> None:
     import torch
 
     from bert_port import data as D
-    from bert_port._finetune_tasks import ARCHITECTURES, no_amp
+    from bert_port._finetune_tasks import ARCHITECTURES, Predicting, no_amp
     from bert_port.config import BertConfig
     from bert_port.pretrained import CONFIG_NAMES, find_file
 
@@ -222,7 +222,7 @@ def run_predict(args, log) -> None:
     tokenizer, model = _load(task, str(model_dir), None)
     model.to(device)
     window = min(args.max_seq_length, model.config.max_position_embeddings)
-    predicted = task.predict(model, examples, tokenizer, labels, window, args.batch_size, device, no_amp)
+    predicted = task.predict(model, examples, Predicting(tokenizer, labels, window, args.batch_size, device, no_amp))
     text = _format_predictions(task.name, examples, predicted)
     if out_file is None:
         sys.stdout.write(text)

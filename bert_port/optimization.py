@@ -231,10 +231,11 @@ def linear_warmup_lambda(num_training_steps: int, num_warmup_steps: int) -> Call
 
 
 def adamw_with_warmup(model: nn.Module, lr: float, num_training_steps: int, warmup_proportion: float = 0.1,
-                      weight_decay: float = 0.01, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-                      ) -> Tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """torch AdamW (bias-corrected) on `bert_param_groups` + linear warmup/decay; call
-    `scheduler.step()` after each `optimizer.step()`. Clip gradients yourself (global norm)."""
+                      weight_decay: float = 0.01) -> Tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """torch AdamW (bias-corrected; betas (0.9, 0.999), eps 1e-8 as BERT's) on `bert_param_groups` +
+    linear warmup/decay; call `scheduler.step()` after each `optimizer.step()`. Clip gradients
+    yourself (global norm)."""
+    betas, eps = (0.9, 0.999), 1e-8
     if not 0.0 <= warmup_proportion < 1.0:
         raise ValueError(f"warmup_proportion must be in [0, 1), got {warmup_proportion}")
     groups = bert_param_groups(model, weight_decay)
