@@ -44,29 +44,30 @@ def defines(path: Path, name: str) -> bool:
 
 def check_place(place: str) -> list:
     """The problems with one row's place cell (empty: every named place exists)."""
-    problems, current = [], None
+    problems, files, names = [], [], []
     for token in re.findall(r"`([^`]+)`", place):
         token = token.removesuffix("()")
+        if " " in token or token.startswith("-") or re.fullmatch(r"\w+\.json", token):
+            continue  # a command line, an option or a file the code writes: not a place in the code
         if "/" in token or token in PACKAGES:
             path = ROOT / token
             if not (path.exists() or path.with_suffix(".py").exists()):
                 problems.append(f"{token}: no such path")
-            current = path if path.suffix == ".py" else (path.with_suffix(".py") if path.with_suffix(".py").exists() else None)
-        elif re.fullmatch(r"\w+\.json", token):
-            continue  # a file the code writes, not a place in it
+            files += [f for f in (path, path.with_suffix(".py")) if f.suffix == ".py" and f.is_file()]
+        elif token.endswith(".py") or module_file(token) is not None:
+            found = module_file(token.removesuffix(".py"))
+            problems += [] if found else [f"{token}: no such module"]
+            files += [found] if found else []
         elif "." in token:
             module, _, name = token.rpartition(".")
             path = module_file(module)
-            if path is None and module_file(token) is not None:
-                current = module_file(token)  # a module named in full (`converters.runner`)
-            elif path is None or not defines(path, name):
-                problems.append(f"{token}: not defined")
-            else:
-                current = path
-        elif module_file(token) is not None and (current is None or not defines(current, token)):
-            current = module_file(token)
-        elif current is None or not re.search(rf"\b{re.escape(token)}\b", current.read_text(encoding="utf-8")):
-            problems.append(f"{token}: not found in {current.relative_to(ROOT) if current else 'any named file'}")
+            problems += [] if path and defines(path, name) else [f"{token}: not defined"]
+            files += [path] if path else []
+        else:
+            names.append(token)
+    for name in names:  # a bare name: defined or used in a file the same cell names
+        if not any(re.search(rf"\b{re.escape(name)}\b", f.read_text(encoding="utf-8")) for f in files):
+            problems.append(f"{name}: not found in {[str(f.relative_to(ROOT)) for f in files] or 'any named file'}")
     return problems
 
 
