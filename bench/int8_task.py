@@ -58,6 +58,9 @@ def run(threads: int, notes: List[str]) -> List[tuple]:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help, nothing else
     C.setup()
     print(C.machine())
     notes: List[str] = []

@@ -144,6 +144,7 @@ def _bad_inputs(ids, types, mask, lengths):
     ]
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")  # a strided one, on purpose
 def test_clear_errors_for_wrong_jagged_input(batch):
     _, ours = pair("BertModel")
     for message, kwargs in _bad_inputs(*batch):
