@@ -19,13 +19,6 @@ MAX_DICT_ITEMS = 1 << 14  # entries per dict: a BERT-large state dict (with opti
 MAX_KEY_CHARS = 1024  # dict keys: BERT's longest state-dict name is ~60 characters
 
 
-def shown(text: object, limit: int = 100) -> str:
-    """A name or key from a file, safe to print: quoted, cut short, escapes spelled out (ascii())."""
-    if type(text) is str and len(text) > limit:
-        return ascii(text[:limit]) + "..."
-    return ascii(text) if type(text) is str else type(text).__name__
-
-
 
 class Frozen:
     """Base of the stand-in objects handed to the pickle machinery: BUILD on them is refused.

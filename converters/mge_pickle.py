@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Mapping, Tuple, Union
 import numpy as np
 
 from converters._pickle import (MAX_DICT_ITEMS, MAX_OPCODES, Frozen, Function, RestrictedUnpickler,  # noqa: F401
-                                codecs_encode, empty_bytes, ordered_dict, run_unpickler, shown)
+                                codecs_encode, empty_bytes, ordered_dict, run_unpickler)
+from converters.text import quoted
 from converters.atomic import atomic_path
 from converters.errors import ConversionError, MalformedInput, file_error
 from converters.files import open_regular
@@ -79,7 +80,7 @@ class _DType:
 
 def _make_dtype(code: Any = None, align: Any = False, copy: Any = True) -> _DType:
     if type(code) is not str or code not in _DTYPE_CODES:
-        raise MalformedInput(f"unsupported numpy dtype {shown(code, 20)} (only numeric dtypes are allowed)")
+        raise MalformedInput(f"unsupported numpy dtype {quoted(code, 20)} (only numeric dtypes are allowed)")
     return _DType(code)
 
 
@@ -242,7 +243,7 @@ def _validate(obj: Any, where: str) -> Dict[str, np.ndarray]:
             raise ConversionError(f"{where}: state-dict key of type {type(key).__name__} (expected str)")
         array = _as_array(value)
         if array is None:
-            raise ConversionError(f"{where}: value of {shown(key, 200)} is {type(value).__name__}, not an array")
+            raise ConversionError(f"{where}: value of {quoted(key, 200)} is {type(value).__name__}, not an array")
         if id(array) not in private:  # one copy per array object, never one per reference to it
             native = array.dtype.newbyteorder("=")
             if not array.flags.writeable or not array.flags.c_contiguous or array.dtype != native:
@@ -271,7 +272,7 @@ class MgePickleReader(ReaderBase):
         try:
             return self._arrays[name]
         except KeyError:
-            raise ConversionError(f"{self.source}: no tensor named {shown(name, 200)}") from None
+            raise ConversionError(f"{self.source}: no tensor named {quoted(name, 200)}") from None
 
     def names(self) -> List[str]:
         return list(self._arrays or ())
@@ -283,7 +284,7 @@ class MgePickleReader(ReaderBase):
     def read(self, name: str) -> np.ndarray:
         array = self._get(name)
         try:  # each copy handed out is charged: reading one name a million times is refused
-            self._budget.charge_bytes(array.nbytes, f"tensor {shown(name, 200)}")
+            self._budget.charge_bytes(array.nbytes, f"tensor {quoted(name, 200)}")
         except MalformedInput as e:
             raise ConversionError(f"{self.source}: {e}") from e
         return array.copy()

@@ -38,3 +38,11 @@ def shown(text: Union[str, bytes, "os.PathLike[str]", object], limit: int = LIMI
     while size > limit - 1:  # room for the ellipsis
         size -= len(out.pop())
     return "".join(out) + "…"
+
+
+def quoted(name: object, limit: int = 100) -> str:
+    """A name or key from a file as a quoted Python literal (ascii(): escapes spelled out), cut to
+    `limit` characters with "..." after a cut; a non-string is shown by its type name."""
+    if type(name) is not str:
+        return type(name).__name__
+    return ascii(name[:limit]) + ("..." if len(name) > limit else "")

@@ -36,6 +36,7 @@ from converters._leveldb_table import build_table, crc32c, mask_crc, put_varint,
 from converters.errors import ConversionError, MalformedInput, file_error
 from converters.files import check_regular, open_regular
 from converters.reader import MAX_TENSORS, Budget, ReaderBase
+from converters.text import quoted
 
 __all__ = ["TFCheckpointReader", "load_tf_checkpoint", "list_variables", "write_tf_checkpoint"]
 
@@ -65,11 +66,6 @@ _CHUNK = 16 << 20  # crc and write granularity; keeps temporary copies small
 def data_filename(prefix: str, shard: int, num_shards: int) -> str:
     """`P.data-00000-of-00001` (tensor_bundle naming.cc DataFilename)."""
     return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
-
-
-def _shown(name: str) -> str:
-    """A tensor name from the file, safe to print: escapes spelled out (ascii()), cut short."""
-    return ascii(name[:_SHOWN_NAME]) + ("..." if len(name) > _SHOWN_NAME else "")
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
@@ -152,7 +148,7 @@ class TFCheckpointReader(ReaderBase):
                           f"min_consumer {h.min_consumer}, bad_consumers [{shown}])")
 
     def _check_entry(self, key: bytes, value: bytes) -> _Info:
-        name = _shown(key.decode("utf-8", "backslashreplace"))
+        name = quoted(key.decode("utf-8", "backslashreplace"), _SHOWN_NAME)
         try:
             e = proto.parse_entry(value)
         except MalformedInput as err:
@@ -197,7 +193,7 @@ class TFCheckpointReader(ReaderBase):
                 except OSError as e:
                     raise self._error(f"cannot use data shard {path}: {e.strerror or e}") from e
             if info.offset + info.size > sizes[info.shard]:
-                raise self._error(f"tensor {_shown(name)} (offset {info.offset}, size {info.size}) extends beyond "
+                raise self._error(f"tensor {quoted(name, _SHOWN_NAME)} (offset {info.offset}, size {info.size}) extends beyond "
                                   f"the end of the {sizes[info.shard]}-byte shard; file truncated?", path)
         return sum(sizes.values())
 
@@ -221,7 +217,7 @@ class TFCheckpointReader(ReaderBase):
         try:
             return self._infos[name]
         except KeyError:
-            raise self._error(f"no tensor named {_shown(name)}") from None
+            raise self._error(f"no tensor named {quoted(name, _SHOWN_NAME)}") from None
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
         """(shape, TF dtype name such as 'float32', 'bfloat16', 'string') without reading data."""
@@ -233,7 +229,7 @@ class TFCheckpointReader(ReaderBase):
         against its crc32c. Opened anew for each tensor: O_NONBLOCK plus a regular-file check on
         the descriptor, so a shard swapped for a FIFO since `__init__` cannot block us."""
         try:  # entries may overlap (one region named 65k times): every read is charged, bounding the work
-            self._budget.charge_bytes(info.size, f"tensor {_shown(name)}")
+            self._budget.charge_bytes(info.size, f"tensor {quoted(name, _SHOWN_NAME)}")
         except MalformedInput as e:
             raise self._error(str(e)) from e
         out = np.empty(info.size, np.uint8)
@@ -244,7 +240,7 @@ class TFCheckpointReader(ReaderBase):
                 while pos < info.size:
                     chunk = os.pread(fd, min(_CHUNK, info.size - pos), info.offset + pos)
                     if not chunk:
-                        raise self._error(f"tensor {_shown(name)} extends beyond the end of the shard "
+                        raise self._error(f"tensor {quoted(name, _SHOWN_NAME)} extends beyond the end of the shard "
                                           "(file shrank?)", path)
                     crc = crc32c(chunk, crc)
                     out[pos:pos + len(chunk)] = np.frombuffer(chunk, np.uint8)
@@ -252,19 +248,19 @@ class TFCheckpointReader(ReaderBase):
         except OSError as e:
             raise self._error(f"cannot read: {e.strerror or e}", path) from e
         if info.dtype != DT_STRING and mask_crc(crc) != info.crc:
-            raise self._error(f"crc32c mismatch for tensor {_shown(name)}: data corrupted", path)
+            raise self._error(f"crc32c mismatch for tensor {quoted(name, _SHOWN_NAME)}: data corrupted", path)
         return out
 
     def get(self, name: str, *, widen_bfloat16: bool = True) -> Tensor:
         """One tensor, crc-verified: a writable array of its own (or bytes for a string scalar)."""
         info = self._info(name)
         if info.sliced:
-            raise self._error(f"tensor {_shown(name)} is a partitioned (sliced) variable; not supported")
+            raise self._error(f"tensor {quoted(name, _SHOWN_NAME)} is a partitioned (sliced) variable; not supported")
         path = data_filename(self.prefix, info.shard, self.num_shards)
         if info.dtype == DT_STRING:
             count = _num_elements(info.shape)
             if count > MAX_STRING_ELEMENTS:
-                raise self._error(f"string tensor {_shown(name)} has {count} elements; this reader "
+                raise self._error(f"string tensor {quoted(name, _SHOWN_NAME)} has {count} elements; this reader "
                                   f"materialises at most {MAX_STRING_ELEMENTS} (BERT has no string tensors)")
             return self._strings(name, info, self._read(name, info, path).tobytes(), path)
         arr = self._read(name, info, path).view(_DTYPES[info.dtype][1]).reshape(info.shape)
@@ -275,7 +271,7 @@ class TFCheckpointReader(ReaderBase):
     def read(self, name: str) -> np.ndarray:
         """The CheckpointReader read: `get` with bfloat16 widened; a string tensor is refused."""
         if self._info(name).dtype == DT_STRING:
-            raise self._error(f"tensor {_shown(name)} holds strings, not numbers")
+            raise self._error(f"tensor {quoted(name, _SHOWN_NAME)} holds strings, not numbers")
         return self.get(name)
 
     def _strings(self, name: str, info: _Info, buf: bytes, path: str) -> Tensor:
@@ -288,18 +284,18 @@ class TFCheckpointReader(ReaderBase):
                 n, pos = read_varint(buf, pos, end)
                 lengths.append(n)
         except MalformedInput as e:
-            raise self._error(f"string tensor {_shown(name)}: bad length: {e}", path) from e
+            raise self._error(f"string tensor {quoted(name, _SHOWN_NAME)}: bad length: {e}", path) from e
         packed = b"".join(struct.pack("<I", n) if n <= 0xFFFFFFFF else struct.pack("<Q", n) for n in lengths)
         crc = crc32c(packed)
         if end - pos < 4 or struct.unpack_from("<I", buf, pos)[0] != mask_crc(crc):
-            raise self._error(f"string tensor {_shown(name)}: length checksum mismatch", path)
+            raise self._error(f"string tensor {quoted(name, _SHOWN_NAME)}: length checksum mismatch", path)
         crc = crc32c(buf[pos:pos + 4], crc)
         pos += 4
         if sum(lengths) != end - pos:
-            raise self._error(f"string tensor {_shown(name)}: lengths add up to {sum(lengths)} bytes, "
+            raise self._error(f"string tensor {quoted(name, _SHOWN_NAME)}: lengths add up to {sum(lengths)} bytes, "
                               f"entry holds {end - pos}", path)
         if mask_crc(crc32c(buf[pos:], crc)) != info.crc:
-            raise self._error(f"crc32c mismatch for tensor {_shown(name)}: data corrupted", path)
+            raise self._error(f"crc32c mismatch for tensor {quoted(name, _SHOWN_NAME)}: data corrupted", path)
         items = []
         for n in lengths:
             items.append(buf[pos:pos + n])

@@ -32,7 +32,8 @@ from typing import Any, BinaryIO, Callable, Dict, List, Tuple, Union
 
 import numpy as np
 
-from converters._pickle import Frozen, Function, RestrictedUnpickler, ordered_dict, run_unpickler, shown
+from converters._pickle import Frozen, Function, RestrictedUnpickler, ordered_dict, run_unpickler
+from converters.text import quoted
 from converters.errors import ConversionError, MalformedInput
 from converters.files import open_regular
 from converters.reader import Budget, ReaderBase, Shape, check_tensor_count
@@ -143,7 +144,7 @@ class _TorchUnpickler(RestrictedUnpickler):
             check_tensor_count(len(self.storages) + 1)
             old = self.storages[pid[2]] = _Storage(pid[2], pid[1].dtype, pid[4])
         elif (old.dtype, old.numel) != (pid[1].dtype, pid[4]):
-            raise MalformedInput(f"storage {shown(pid[2])} is declared with two dtypes or sizes")
+            raise MalformedInput(f"storage {quoted(pid[2])} is declared with two dtypes or sizes")
         return old
 
 
@@ -233,23 +234,23 @@ class TorchCheckpointReader(ReaderBase):
         for s in storages.values():
             info = z.NameToInfo.get(prefix + "data/" + s.key)
             if info is None or info.file_size != _nbytes(s):
-                raise MalformedInput(f"storage {shown(s.key)} of {_nbytes(s)} bytes has no record of that size")
+                raise MalformedInput(f"storage {quoted(s.key)} of {_nbytes(s)} bytes has no record of that size")
         return views, lambda s: self._zip_record(z, prefix + "data/" + s.key, _nbytes(s), charge=True)
 
     def _zip_record(self, z: zipfile.ZipFile, name: str, limit: int, charge: bool = False) -> bytes:
         """A record's bytes (decompressed, crc-checked by zipfile), at most `limit` of them."""
         info = z.getinfo(name)
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 1:
-            raise MalformedInput(f"record {shown(name)} is encrypted or compressed with method "
+            raise MalformedInput(f"record {quoted(name)} is encrypted or compressed with method "
                                  f"{info.compress_type} (torch reads stored and deflated records only)")
         if info.file_size > limit:
-            raise MalformedInput(f"record {shown(name)} holds {info.file_size} bytes, more than {limit}")
+            raise MalformedInput(f"record {quoted(name)} holds {info.file_size} bytes, more than {limit}")
         if charge:
-            self._budget.charge_bytes(info.file_size, f"storage {shown(name)}")
+            self._budget.charge_bytes(info.file_size, f"storage {quoted(name)}")
         with z.open(info) as r:
             data = r.read(info.file_size + 1)  # reading to the end makes zipfile check the crc
         if len(data) != info.file_size:
-            raise MalformedInput(f"record {shown(name)} is truncated")
+            raise MalformedInput(f"record {quoted(name)} is truncated")
         return data
 
     def _open_legacy(self) -> Tuple[Dict[str, _View], Callable[[_Storage], bytes]]:
@@ -267,7 +268,7 @@ class TorchCheckpointReader(ReaderBase):
         for key in keys:
             (count,) = struct.unpack("<q", self._pread(pos, 8))
             if count != storages[key].numel or pos + 8 + _nbytes(storages[key]) > self._size:
-                raise MalformedInput(f"storage {shown(key)} record does not match its {storages[key].numel} elements")
+                raise MalformedInput(f"storage {quoted(key)} record does not match its {storages[key].numel} elements")
             where[key], pos = pos + 8, pos + 8 + _nbytes(storages[key])
         return views, lambda s: self._charged_pread(where[s.key], _nbytes(s), s.key)
 
@@ -289,7 +290,7 @@ class TorchCheckpointReader(ReaderBase):
         for name, entry in sorted(header.items(), key=lambda kv: _offsets(kv)[0]):
             storage, (b, e) = _safetensors_storage(name, entry), _offsets((name, entry))
             if b != end or e - b != _nbytes(storage):
-                raise MalformedInput(f"tensor {shown(name)}: data_offsets [{b}, {e}] do not tile the data region")
+                raise MalformedInput(f"tensor {quoted(name)}: data_offsets [{b}, {e}] do not tile the data region")
             views[name], begin[name], end = _View(storage, 0, _entry_shape(entry), _contiguous(entry)), b, e
         if 8 + n + end != self._size:
             raise MalformedInput(f"safetensors data region is {self._size - 8 - n} bytes, the header describes {end}")
@@ -305,7 +306,7 @@ class TorchCheckpointReader(ReaderBase):
         return data
 
     def _charged_pread(self, pos: int, n: int, key: str) -> bytes:
-        self._budget.charge_bytes(n, f"storage {shown(key)}")
+        self._budget.charge_bytes(n, f"storage {quoted(key)}")
         return self._pread(pos, n)
 
     def _next_pickle(self, storages: Dict[str, _Storage]) -> Any:
@@ -324,7 +325,7 @@ class TorchCheckpointReader(ReaderBase):
         try:
             return self._views[name]
         except KeyError:
-            raise ConversionError(f"{self.source}: no tensor named {shown(name, 200)}") from None
+            raise ConversionError(f"{self.source}: no tensor named {quoted(name, 200)}") from None
 
     def shape_dtype(self, name: str) -> Tuple[Shape, str]:
         view = self._view(name)
@@ -335,14 +336,14 @@ class TorchCheckpointReader(ReaderBase):
         view = self._view(name)
         dtype = np.dtype(_NUMPY[view.storage.dtype]).newbyteorder(self._order)
         try:
-            self._budget.charge_bytes(int(np.prod(view.shape, dtype=object)) * dtype.itemsize, f"tensor {shown(name)}")
+            self._budget.charge_bytes(int(np.prod(view.shape, dtype=object)) * dtype.itemsize, f"tensor {quoted(name)}")
             raw = self._fetch(view.storage)
         except MalformedInput as e:
             raise ConversionError(f"{self.source}: {e}") from e
         except ConversionError:
             raise
         except Exception as e:  # zipfile, zlib, OSError on malformed or changed bytes
-            raise ConversionError(f"{self.source}: cannot read tensor {shown(name)} ({_described(e)})") from e
+            raise ConversionError(f"{self.source}: cannot read tensor {quoted(name)} ({_described(e)})") from e
         if not all(view.shape):
             array = np.zeros(view.shape, dtype.newbyteorder("="))
         else:
@@ -395,7 +396,7 @@ def _offsets(item: Tuple[str, Any]) -> Tuple[int, int]:
     offsets = entry.get("data_offsets") if type(entry) is dict else None
     if (type(offsets) is not list or len(offsets) != 2 or any(type(o) is not int for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
-        raise MalformedInput(f"tensor {shown(item[0])}: data_offsets must be two ordered non-negative ints")
+        raise MalformedInput(f"tensor {quoted(item[0])}: data_offsets must be two ordered non-negative ints")
     return offsets[0], offsets[1]
 
 
@@ -414,7 +415,7 @@ def _contiguous(entry: Dict[str, Any]) -> Shape:
 
 def _safetensors_storage(name: str, entry: Dict[str, Any]) -> _Storage:
     if set(entry) != {"dtype", "shape", "data_offsets"} or entry["dtype"] not in _SAFETENSORS:
-        raise MalformedInput(f"tensor {shown(name)}: unsupported entry or dtype {shown(entry.get('dtype'))}")
+        raise MalformedInput(f"tensor {quoted(name)}: unsupported entry or dtype {quoted(entry.get('dtype'))}")
     count = 1
     for d in _entry_shape(entry):
         count = min(count * d, 1 << 62)
