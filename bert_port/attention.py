@@ -121,8 +121,17 @@ class AttentionPlan:
 
 
 def dropout_active(module: nn.Module) -> bool:
-    """Will any dropout inside `module` draw random numbers in this forward?"""
-    return any(m.training and m.p > 0 for m in module.modules() if isinstance(m, nn.Dropout))
+    """Will any dropout inside `module` draw random numbers in this forward?
+
+    Walks `_modules` directly: `module.modules()` builds a name for every submodule, which cost more
+    than the rest of the forward's Python at batch 1."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if m.training and isinstance(m, nn.Dropout) and m.p > 0:
+            return True
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return False
 
 
 def as_plan(attention_mask, module: nn.Module) -> AttentionPlan:

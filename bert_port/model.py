@@ -105,6 +105,10 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
+    def projections(self) -> Tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """query, key, value: three linears of the same input (`bert_port.inference.prepack` runs them as one GEMM)."""
+        return self.query, self.key, self.value
+
     def transpose_for_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(..., L, H) -> (..., A, L, D)."""
         x = x.view(*x.shape[:-1], self.num_attention_heads, self.attention_head_size)
@@ -114,8 +118,7 @@ class BertSelfAttention(nn.Module):
         """(B, S, H) -> (B, S, H), or (T, H) -> (T, H) on the unpadded paths; `attention_mask` is the
         forward's AttentionPlan (the reference's additive (B, 1, 1, S) mask or None is accepted too)."""
         plan = as_plan(attention_mask, self)
-        q, k, v = (self.transpose_for_scores(kernels.linear(m, hidden_states))
-                   for m in (self.query, self.key, self.value))
+        q, k, v = (self.transpose_for_scores(y) for y in kernels.linears(self.projections(), hidden_states))
         p = self.dropout.p if self.training else 0.0
         if plan.unpadded:
             return attend_unpadded(q, k, v, plan, p)  # (T, H)
