@@ -155,8 +155,12 @@ def linears(modules: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor
     """`linear(m, x)` for each module (attention's query, key and value); one GEMM on their weights
     packed side by side when `using_packed` holds them as a group."""
     group = tuple(modules)
-    packed = _packed_weight(group) if all(_plain(m, x, None) and not _needs_grad(m, x, None) for m in group) and len(
-        {m.bias is None for m in group}) == 1 else None
+    table = _packed.get()
+    if table is not None and group in table and len({m.bias is None for m in group}) == 1 and all(
+            _plain(m, x, None) and not _needs_grad(m, x, None) for m in group):
+        packed = _packed_weight(group)
+    else:
+        packed = None
     if packed is not None:
         rows = x.numel() // x.shape[-1]
         key = (x.dtype, x.shape[-1], packed.shape.shape[0], f"group/{len(group)}", rows.bit_length(), False, True)
@@ -308,7 +312,7 @@ def _mkl_packed(modules, x: torch.Tensor, act, residual, packed: PackedWeight) -
     bias = modules.bias if not isinstance(modules, tuple) else (
         None if modules[0].bias is None else torch.cat([m.bias for m in modules]))
     # the last argument is the row count the op checks against: every row count runs on the packed copy
-    y = torch.ops.mkl._mkl_linear(x2, packed.data, packed.shape, bias, x2.shape[0]).view(*x.shape[:-1], -1)
+    y = _MKL_LINEAR(x2, packed.data, packed.shape, bias, x2.shape[0]).view(*x.shape[:-1], -1)
     if act is not None:  # in place where the activation allows: no second (rows, out) buffer
         y = _IN_PLACE[act](y) if act in _IN_PLACE else act(y)
     return y if residual is None else y.add_(residual)
@@ -344,3 +348,4 @@ def _find_onednn_op():
 
 
 _ONEDNN_OP = _find_onednn_op()
+_MKL_LINEAR = torch.ops.mkl._mkl_linear.default if can_pack() else None
