@@ -78,13 +78,13 @@ class QuantizedLinear(nn.Module):
         if torch.onnx.is_in_onnx_export():
             raise RuntimeError(EXPORT_ERROR)
         xq, x_scale, x_zero, x_out, cols = _quantized_input(x)
-        scaled = self._int8_matmul(xq)  # (xq @ W_q^T) * s_w, fp32 (M, N)
+        y = self._int8_matmul(xq).mul_(x_scale)  # s_x s_w (xq @ W_q^T), fp32 (M, N)
         # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (xq W_q^T - zero rowsum(W_q))
-        # + outliers W[:, cols]^T + b: the zero-point and outlier terms are one thin GEMM with the bias.
+        # + outliers W[:, cols]^T + b: the zero-point, outlier and bias terms are one thin GEMM added in place.
         w_out = self.weight_int8[:, cols].float().mul_(self.weight_scale[:, None])
-        y = torch.addmm(self._bias(), torch.cat([x_zero * x_scale, x_out], 1),
-                        torch.cat([self.weight_zero_term[None], w_out.t()], 0))
-        return y.addcmul_(scaled, x_scale).to(x.dtype).view(*x.shape[:-1], self.out_features)
+        y.addmm_(torch.cat([x_zero * x_scale, x_out, torch.ones_like(x_scale)], 1),
+                 torch.cat([self.weight_zero_term[None], w_out.t(), self._bias()[None]], 0))
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _int8_matmul(self, xq: torch.Tensor) -> torch.Tensor:
         """(xq @ W_q^T) * s_w in fp32: oneDNN's int8 linear on a prepacked weight (AMX/VNNI, the
@@ -171,11 +171,14 @@ def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.
     sentence embeddings from cosine 0.984 (symmetric per token) to 0.994 (bench/README.md).
     """
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)  # (torch.aminmax is 6x slower here)
-    # A real-valued zero point (the matmul's correction term takes any value) maps lo to -127.5 and hi
-    # to 127.49: rounding stays within [-128, 127] without a clamp pass.
+    # A real-valued zero point (the matmul's correction term takes any value) maps lo to -127.495 and hi
+    # to 127.495: every value within half a level of its code. Shifted by 128.5 that is [1.005, 255.995],
+    # so truncating to uint8 rounds, without a clamp or a rounding pass, and flipping the top bit reads
+    # the result as int8 (v ^ 0x80 is v - 128): one pass fewer over x than round-then-convert.
     inv = 254.99 / (hi - lo).clamp_(min=1e-12)
-    zero = torch.addcmul(torch.full_like(lo, -127.5), lo, inv, value=-1.0)
-    return torch.addcmul(zero, x, inv).round_().to(torch.int8), inv.reciprocal(), zero  # round(x / scale + zero)
+    zero = torch.addcmul(torch.full_like(lo, -127.495), lo, inv, value=-1.0)
+    q = torch.addcmul(zero + 128.5, x, inv).to(torch.uint8).bitwise_xor_(128).view(torch.int8)
+    return q, inv.reciprocal(), zero  # q = round(x / scale + zero)
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
