@@ -160,3 +160,22 @@ def test_bf16_models_and_grad_stay_on_their_own_path():
     m.to(torch.bfloat16)  # new weight tensors, not fp32: the packed copies are not used
     out = fast(torch.randint(1, 99, (1, 32)))[1]
     assert out.dtype == torch.bfloat16 and not packed_choices()
+
+
+@needs_mkl
+def test_hooks_still_run_under_prepack(monkeypatch):
+    """A forward hook on one of query/key/value takes that group off the packed GEMM: the hook runs
+    and what it returns is used, as on the plain path."""
+    m = model()
+    ids = torch.randint(1, 99, (1, 32))
+    calls = []
+
+    def halve(module, args, out):
+        calls.append(module)
+        return out * 0.5
+
+    m.encoder.layer[1].attention.self.key.register_forward_hook(halve)
+    want = plain(m, ids, monkeypatch=monkeypatch)[1]
+    calls.clear()
+    got = prepack(m)(ids)[1]
+    assert calls and (got - want).abs().max() <= 1e-5
