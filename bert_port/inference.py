@@ -4,8 +4,8 @@ Why: at batch 1 (1x32 .. 1x128 tokens) a BERT forward reads every weight once fo
 and F.linear re-lays each weight out for the GEMM on every call: at 1x32 that re-layout costs about
 as much as the arithmetic. `prepack` packs each fp32 `nn.Linear` weight once with MKL's packed sgemm
 (as ONNX Runtime prepacks its weights when a session opens); calls then run the GEMMs on the packed
-copies. Same fp32 arithmetic: outputs within ~1e-6 of the plain model. Measured on BERT-base, 2
-threads, AMX Xeon (bench/bench_inference.py, case single): 1x32 ~25 % and 1x128 ~15 % faster than
+copies. Same fp32 arithmetic: outputs within a few 1e-6 of the plain model. Measured on BERT-base, 2
+threads, AMX Xeon (bench/bench_inference.py, case single): 1x32 ~20 % and 1x128 ~15 % faster than
 the plain model; larger batches are unchanged.
 
 What it costs, said plainly:
@@ -17,16 +17,16 @@ What it costs, said plainly:
 - a warm-up: the first call in each row-count bucket (16-31, 32-63, 64-127, ... tokens in the batch)
   measures the candidate kernels once (bert_port.kernels): +0.1-0.15 s for BERT-base on 2 cores. A
   service warms up with one call per length bucket it expects;
-- inference only: calls run under `torch.no_grad()` with the model in eval mode; the model itself
-  is not changed (its modules stay `nn.Linear`, its parameters stay in place, calling `model(...)`
-  directly runs the plain path);
+- inference only: `prepack` puts the model in eval mode and calls run under `torch.no_grad()`; the
+  model is otherwise not changed (its modules stay `nn.Linear`, its parameters stay in place, calling
+  `model(...)` directly runs the plain path);
 - torch builds without MKL (e.g. ARM) run the plain path, and every packed kernel is checked against
   F.linear on its first call of each shape (bert_port.kernels), so nothing depends on MKL packing
   working for every row count.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ class Prepacked:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.eval()
-        self.packed: Dict[nn.Module, kernels.PackedWeight] = {}
+        self.packed: kernels.PackedTable = {}
         self.repack()
 
     def repack(self) -> None:
