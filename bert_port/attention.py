@@ -128,9 +128,10 @@ def dropout_active(module: nn.Module) -> bool:
     stack = [module]
     while stack:
         m = stack.pop()
-        if m.training and isinstance(m, nn.Dropout) and m.p > 0:
-            return True
-        stack.extend(c for c in m._modules.values() if c is not None)
+        if m is not None:  # (a registered None submodule)
+            if m.training and isinstance(m, nn.Dropout) and m.p > 0:
+                return True
+            stack.extend(m._modules.values())
     return False
 
 

@@ -51,10 +51,11 @@ class Prepacked:
             return
         grouped = set()
         for m in self.model.modules():
-            if isinstance(m, BertSelfAttention) and all(_packable(p) for p in m.projections()):
-                self.packed[m.projections()] = kernels.PackedWeight.of(*(p.weight for p in m.projections()))
-                grouped.update(m.projections())
-        self.packed.update({m: kernels.PackedWeight.of(m.weight) for m in self.model.modules()
+            group = m.projections() if isinstance(m, BertSelfAttention) else ()
+            if group and all(_packable(p) for p in group) and len({p.bias is None for p in group}) == 1:
+                self.packed[group] = kernels.PackedWeight.of(*group)
+                grouped.update(group)
+        self.packed.update({m: kernels.PackedWeight.of(m) for m in self.model.modules()
                             if _packable(m) and m not in grouped})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -354,7 +354,7 @@ def _recording() -> bool:
 
 
 def _check_range(name: str, t: torch.Tensor, limit: int, field: str) -> None:
-    lo, hi = int(t.min()), int(t.max())
+    lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= limit:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} contains {bad}, outside [0, {limit}) ({field} in the config)")

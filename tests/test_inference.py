@@ -39,11 +39,12 @@ def fresh_choices(monkeypatch):
 
 
 def plain(m, *args, monkeypatch, **kwargs):
-    monkeypatch.setenv("BERT_PORT_LINEAR", "torch")
-    kernels.reset()
-    with torch.no_grad():
-        out = m(*args, **kwargs)
-    monkeypatch.delenv("BERT_PORT_LINEAR")
+    """m(*args, **kwargs) on F.linear (BERT_PORT_LINEAR is restored afterwards)."""
+    with monkeypatch.context() as patch:
+        patch.setenv("BERT_PORT_LINEAR", "torch")
+        kernels.reset()
+        with torch.no_grad():
+            out = m(*args, **kwargs)
     kernels.reset()
     return out
 
@@ -106,6 +107,7 @@ def test_the_model_is_left_as_it_was(monkeypatch):
 
 @needs_mkl
 def test_weights_changed_in_place_are_packed_again_and_repack_sees_data_writes(monkeypatch):
+    monkeypatch.setenv("BERT_PORT_LINEAR", "packed")  # every GEMM on the packed copies, whatever is faster here
     m, other = model(), model()
     scale_weights_(other, std=0.1, seed=5)
     ids = torch.randint(1, 99, (1, 32))
@@ -119,9 +121,32 @@ def test_weights_changed_in_place_are_packed_again_and_repack_sees_data_writes(m
     q.weight = nn.Parameter(torch.zeros_like(q.weight))  # replaced: packed again too
     assert (fast(ids)[1] - plain(m, ids, monkeypatch=monkeypatch)[1]).abs().max() <= 1e-5
     with torch.no_grad():
-        m.encoder.layer[1].output.dense.weight.data.mul_(2)  # through .data: invisible until repack()
+        m.encoder.layer[2].attention.self.value.bias.add_(0.5)  # a bias of the QKV group, packed beside the others
+    assert (fast(ids)[1] - plain(m, ids, monkeypatch=monkeypatch)[1]).abs().max() <= 1e-5
+    fast(ids)  # kernels chosen (and checked against F.linear) before the next change, not after it
+    dense = m.encoder.layer[0].output.dense
+    dense.weight.data = dense.weight.data * 3  # new storage through .data: seen without repack()
+    with torch.no_grad():
+        want = m(ids)[1]  # the model itself: no packed copies (and the choices above are kept)
+    assert (fast(ids)[1] - want).abs().max() <= 1e-5
+    with torch.no_grad():
+        m.encoder.layer[1].output.dense.weight.data.mul_(2)  # written through .data: invisible until repack()
     fast.repack()
     assert (fast(ids)[1] - plain(m, ids, monkeypatch=monkeypatch)[1]).abs().max() <= 1e-5
+
+
+@needs_mkl
+def test_an_input_of_the_wrong_width_fails_as_on_the_plain_path(monkeypatch):
+    """The packed op would read past a too-narrow input: the width is checked before it runs."""
+    monkeypatch.setenv("BERT_PORT_LINEAR", "packed")
+    m = model()
+    fast = prepack(m)
+    dense = m.encoder.layer[0].intermediate.dense
+    with torch.no_grad(), kernels.using_packed(fast.packed):
+        assert (kernels.linear(dense, torch.ones(32, dense.in_features)) - dense(torch.ones(32, dense.in_features))
+                ).abs().max() <= 1e-5
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            kernels.linear(dense, torch.ones(32, dense.in_features - 1))
 
 
 @needs_mkl
