@@ -204,3 +204,21 @@ def test_hooks_still_run_under_prepack(monkeypatch):
     calls.clear()
     got = prepack(m)(ids)[1]
     assert calls and (got - want).abs().max() <= 1e-5
+
+
+@needs_mkl
+def test_a_global_forward_hook_sees_every_linear_under_prepack():
+    """torch's global hooks (register_module_forward_hook) take the packed path off: they run for every linear."""
+    m = model()
+    ids = torch.randint(1, 99, (1, 32))
+    fast = prepack(m)
+    fast(ids)  # kernels chosen first: the hook must win over an existing decision
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(module) if isinstance(module, nn.Linear) else None)
+    try:
+        fast(ids)
+    finally:
+        handle.remove()
+    linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
+    assert len(seen) == len(linears) and set(map(id, seen)) == set(map(id, linears))
