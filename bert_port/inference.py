@@ -15,7 +15,7 @@ What it costs, said plainly:
   `load_state_dict`, an optimizer step) or replaced is packed again on its next call; a change made
   through `.data` cannot be seen: call `fast.repack()` after one;
 - a warm-up: the first call in each row-count bucket (16-31, 32-63, 64-127, ... tokens in the batch)
-  measures the candidate kernels once (bert_port.kernels): +0.1-0.15 s for BERT-base on 2 cores. A
+  measures the candidate kernels once (bert_port.kernels): +0.13-0.16 s for BERT-base on 2 cores. A
   service warms up with one call per length bucket it expects;
 - inference only: `prepack` puts the model in eval mode and calls run under `torch.no_grad()`; the
   model is otherwise not changed (its modules stay `nn.Linear`, its parameters stay in place, calling

@@ -6,6 +6,7 @@ HF transformers on the same weights, ONNX Runtime running the exported graph.
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -80,6 +81,41 @@ def test_a_kernel_that_cannot_run_falls_back(forced, monkeypatch):
     monkeypatch.setattr(kernels, "_ONEDNN_OP", broken)
     assert torch.allclose(last_layer(model, inputs)[1], ref, atol=1e-6)
     assert kernels.choices() and set(kernels.choices().values()) == {"torch"}
+
+
+def test_ties_go_to_f_linear_in_fp32_and_to_the_fused_onednn_call_in_bf16():
+    """The decision rule on controlled timings (sleeps): a candidate 2 % slower than F.linear is kept
+    in bf16 only; 10 % faster is kept in both; 10 % slower in neither."""
+    def sleeper(ms):
+        return lambda: time.sleep(ms / 1e3)
+
+    reference = sleeper(20)
+    for candidate_ms, fp32, bf16 in ((20.4, "torch", "onednn"), (18, "onednn", "onednn"), (22, "torch", "torch")):
+        candidates = [("onednn", sleeper(candidate_ms))]
+        assert kernels._fastest(candidates, reference, kernels.MARGIN[torch.float32]) == fp32, candidate_ms
+        assert kernels._fastest(candidates, reference, kernels.MARGIN[torch.bfloat16]) == bf16, candidate_ms
+
+
+def test_kernels_are_timed_on_cold_copies_of_the_weight(forced, monkeypatch):
+    """Each timed call reads another copy of the weight (a forward reads every layer's weights once,
+    from memory): copies equal to the module's weight, never the module's own tensor."""
+    forced("auto")
+    lin = torch.nn.Linear(1024, 512).eval()  # 2 MB: 16 copies fit in COLD_BYTES
+    seen = []
+    real = kernels._onednn
+
+    def spy(m, x, act=None, residual=None):
+        seen.append(m.weight)
+        return real(m, x, act, residual)
+
+    monkeypatch.setattr(kernels, "_onednn", spy)
+    with torch.no_grad():
+        kernels.linear(lin, torch.randn(64, 1024))
+    if set(kernels.choices().values()) == {"onednn"}:  # then the call itself ran on the module's weight
+        assert seen.pop() is lin.weight
+    assert len(seen) >= 6  # the agreement check, then every timed call
+    assert all(w is not lin.weight and torch.equal(w, lin.weight) for w in seen)
+    assert len({w.data_ptr() for w in seen}) == len(seen)  # no copy read twice in one measurement
 
 
 def test_bf16_and_fp16_run_where_onednn_is_limited_to_avx2():
