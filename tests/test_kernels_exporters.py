@@ -96,6 +96,14 @@ def test_ties_go_to_f_linear_in_fp32_and_to_the_fused_onednn_call_in_bf16():
         assert kernels._fastest(candidates, reference, kernels.MARGIN[torch.bfloat16]) == bf16, candidate_ms
 
 
+def test_in_place_activations_compute_their_functions():
+    """Inference writes the activation into the GEMM's output (kernels._IN_PLACE): each in-place op must
+    give its function's values (a drift would make eval and training, or prepack and plain, disagree)."""
+    x = torch.linspace(-6, 6, 1001)
+    for act, in_place in kernels._IN_PLACE.items():
+        assert torch.equal(in_place(x.clone()), act(x)), act.__name__
+
+
 def test_kernels_are_timed_on_cold_copies_of_the_weight(forced, monkeypatch):
     """Each timed call reads another copy of the weight (a forward reads every layer's weights once,
     from memory): copies equal to the module's weight, never the module's own tensor."""
