@@ -327,10 +327,13 @@ def _torch_linear(module: nn.Module, x: torch.Tensor, act=None, residual=None) -
 
 
 def _epilogue_in_place(y: torch.Tensor, act, residual) -> torch.Tensor:
-    """act(y) + residual, in y where the activation allows (y: a kernel's fresh output, no autograd)."""
+    """act(y) + residual, in y where the activation allows (y: a kernel's fresh output, no autograd);
+    a residual that broadcasts y to a larger shape gets a new tensor, as `y + residual` would."""
     if act is not None:
         y = _IN_PLACE[act](y) if act in _IN_PLACE else act(y)
-    return y if residual is None else y.add_(residual)
+    if residual is None:
+        return y
+    return y.add_(residual) if residual.shape == y.shape else y + residual
 
 
 def _fastest(candidates: List[Tuple[str, Callable[[], torch.Tensor]]], reference: Callable[[], torch.Tensor],
