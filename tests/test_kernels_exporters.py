@@ -104,6 +104,17 @@ def test_in_place_activations_compute_their_functions():
         assert torch.equal(in_place(x.clone()), act(x)), act.__name__
 
 
+@pytest.mark.parametrize("choice", ["torch", "auto"])
+def test_a_residual_broadcasts_as_in_the_plain_sum(forced, choice):
+    """linear(m, x, residual=r) is F.linear(x) + r, also when r broadcasts the output to a larger shape."""
+    forced(choice)
+    lin = torch.nn.Linear(64, 64).eval()
+    x, r = torch.randn(1, 40, 64), torch.randn(3, 40, 64)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, lin.weight, lin.bias) + r
+        assert (kernels.linear(lin, x, residual=r) - want).abs().max() <= 1e-5
+
+
 def test_kernels_are_timed_on_cold_copies_of_the_weight(forced, monkeypatch):
     """Each timed call reads another copy of the weight (a forward reads every layer's weights once,
     from memory): copies equal to the module's weight, never the module's own tensor."""
