@@ -76,7 +76,7 @@ class PackedWeight:
     bias: Optional[torch.Tensor]
     shape: torch.Tensor  # (out, in) without storage: the op reads the original weight's shape only
     splits: Tuple[int, ...]  # out_features of each linear
-    sources: Tuple[Tuple[torch.Tensor, int, int], ...]  # (tensor, _version, data_ptr) of every weight and bias
+    sources: Tuple[Tuple[torch.Tensor, int, int], ...]  # (tensor, version(tensor), data_ptr) of every weight and bias
 
     @classmethod
     def of(cls, *modules: nn.Linear) -> "PackedWeight":
@@ -87,7 +87,7 @@ class PackedWeight:
         bias = (torch.cat(biases) if len(biases) > 1 else biases[0]) if biases else None
         # The packed buffer must stay where MKL wrote it (MKL's rule), so it is never copied or saved.
         data = torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS)
-        sources = tuple((t, t._version, t.data_ptr()) for m in modules for t in (m.weight, m.bias) if t is not None)
+        sources = tuple((t, version(t), t.data_ptr()) for m in modules for t in (m.weight, m.bias) if t is not None)
         return cls(data, bias, torch.zeros((), dtype=w.dtype).expand(w.shape), tuple(m.out_features for m in modules),
                    sources)
 
@@ -101,9 +101,15 @@ class PackedWeight:
             for t in (params.get("weight"), params.get("bias")):
                 if t is not None:
                     s, version, ptr = next(sources, (None, 0, 0))
-                    if t is not s or t._version != version or t.data_ptr() != ptr:
+                    if t is not s or (version >= 0 and t._version != version) or t.data_ptr() != ptr:
                         return False
         return next(sources, None) is None
+
+
+def version(t: torch.Tensor) -> int:
+    """t's version counter (bumped by every in-place change), or -1 for a tensor made under
+    torch.inference_mode, which has none (its in-place changes cannot be seen)."""
+    return -1 if t.is_inference() else t._version
 
 
 # nn.Linear -> its packed weight; a tuple of nn.Linear with the same input -> their weights packed as one

@@ -40,6 +40,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from bert_port import kernels
+
 # Input channels per call kept in floating point (see _quantized_input); on all-MiniLM-L6-v2, 2 lift the
 # worst of 22 sentence embeddings from cosine 0.988 to 0.994 (pairwise change 0.023 -> 0.016); 4-16 do no better.
 OUTLIER_COLUMNS = 2
@@ -112,7 +114,7 @@ def _find_qlinear():
 
 _QLINEAR = _find_qlinear()
 _ONE, _ZERO = torch.ones(()), torch.zeros((), dtype=torch.int64)
-# module -> ((weight_int8, its _version, data_ptr), oneDNN-packed weight): kept beside the module so
+# module -> ((weight_int8, its kernels.version, data_ptr), oneDNN-packed weight): kept beside the module so
 # that its state_dict, deepcopy and .to() see only plain tensors.
 _packed: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()
 
@@ -121,7 +123,7 @@ def _packed_weight(module: "QuantizedLinear") -> Optional[torch.Tensor]:
     w = module.weight_int8
     if _QLINEAR is None or w.device.type != "cpu" or module.weight_scale.dtype != torch.float32:
         return None
-    source, entry = (w, w._version, w.data_ptr()), _packed.get(module)
+    source, entry = (w, kernels.version(w), w.data_ptr()), _packed.get(module)
     if entry is None or entry[0][0] is not w or entry[0][1:] != source[1:]:
         try:
             entry = (source, torch.ops.onednn.qlinear_prepack(w, None))

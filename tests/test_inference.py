@@ -222,3 +222,18 @@ def test_a_global_forward_hook_sees_every_linear_under_prepack():
         handle.remove()
     linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
     assert len(seen) == len(linears) and set(map(id, seen)) == set(map(id, linears))
+
+
+@needs_mkl
+def test_torch_inference_mode_first_call_and_model_built_under_it(monkeypatch):
+    """Tensors made under torch.inference_mode have no version counter: neither the kernel measurement
+    of a first call under it nor a model built under it may read one."""
+    m = model()
+    ids = torch.randint(1, 99, (1, 32))
+    want = plain(m, ids, monkeypatch=monkeypatch)[1]
+    fast = prepack(m)
+    with torch.inference_mode():
+        assert (fast(ids)[1] - want).abs().max() <= 1e-5
+        built = model()
+        built.load_state_dict(m.state_dict())
+        assert (prepack(built)(ids)[1] - want).abs().max() <= 1e-5

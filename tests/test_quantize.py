@@ -134,3 +134,13 @@ def test_without_onednn_int8_the_int_mm_path_gives_the_same_model(monkeypatch):
         monkeypatch.setattr(Q, "_QLINEAR", None)
         plain = q(ids, types_, mask, output_all_encoded_layers=False)[0]
     assert (fast - plain)[mask.bool()].abs().max() <= 1e-4
+
+
+def test_under_torch_inference_mode():
+    """Built or called under torch.inference_mode (tensors without a version counter): the same model."""
+    model = small()
+    ids, types, mask = make_inputs(batch=2, seq_len=20, vocab=SMALL["vocab_size_or_config_json_file"])
+    with torch.no_grad():
+        want = bp.quantize_int8(model)(ids, types, mask)[1]
+    with torch.inference_mode():
+        assert torch.equal(bp.quantize_int8(model)(ids, types, mask)[1], want)
