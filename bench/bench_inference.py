@@ -163,6 +163,9 @@ def case_single(b: Bench) -> None:
                 b.summary.append((f"fp32 1×{S} {o} vs HF sdpa ≥ 1.1", C.paired_ratio(t["hf_sdpa"], t[o]), 1.1))
     finally:
         del b.fns["ours prepacked"]
+    from bert_port import kernels
+    chosen = [f"{k[1]}→{k[2]} {k[3]} ({2 ** (k[4] - 1)}+ rows): {v}" for k, v in kernels.choices().items() if k[6]]
+    b.notes.append("prepack's kernel per GEMM (bert_port.kernels.choices()): " + "; ".join(chosen))
 
 
 def case_bf16(b: Bench) -> None:

@@ -133,6 +133,19 @@ def using_packed(table: PackedTable) -> Iterator[None]:
         _packed.reset(token)
 
 
+def packed_table() -> Optional[PackedTable]:
+    """The table of the enclosing `using_packed` block, or None."""
+    return _packed.get()
+
+
+def packed_forward(module: nn.Module, *args) -> Optional[torch.Tensor]:
+    """`module`'s forward as the `using_packed` table runs it (`inference.PackedLayer` for a BertLayer),
+    or None: not packed, or not runnable packed now (then the module's own forward runs)."""
+    table = _packed.get()
+    run = None if table is None else table.get(module)
+    return None if run is None else run(module, *args)
+
+
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """Exact GELU, x * Phi(x): pytorch_pretrained_bert's and HF's "gelu"."""
     return F.gelu(x)
@@ -169,11 +182,11 @@ def linear(module: nn.Module, x: torch.Tensor, act: Optional[Callable] = None,
     if packed is not None or _plain(module, x, residual):
         rows = x.numel() // x.shape[-1]
         grad = packed is None and _needs_grad(module, x, residual)
-        key = (x.dtype, module.in_features, module.out_features, _epilogue(act, residual), rows.bit_length(),
+        key = (x.dtype, module.in_features, module.out_features, epilogue(act, residual), rows.bit_length(),
                grad, packed is not None)
         choice = _choices.get(key) or _decide_linear(key, module, x, act, residual, rows, packed)
         if choice == "packed":
-            return _mkl_packed(packed, x, act, residual)
+            return run_packed(packed, x, act, residual)
         if choice == "onednn":
             return _onednn(module, x, act, residual)
         if not grad:
@@ -192,8 +205,8 @@ def linears(modules: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor
         rows = x.numel() // x.shape[-1]
         key = (x.dtype, x.shape[-1], packed.shape.shape[0], f"group/{len(group)}", rows.bit_length(), False, True)
         if (_choices.get(key) or _decide(key, rows, lambda: torch.cat([linear_reference(m, x) for m in group], -1),
-                                         {"packed": lambda: _mkl_packed(packed, x, None, None)})) == "packed":
-            return _mkl_packed(packed, x, None, None).split(packed.splits, -1)
+                                         {"packed": lambda: run_packed(packed, x, None, None)})) == "packed":
+            return run_packed(packed, x, None, None).split(packed.splits, -1)
     return tuple(linear(m, x) for m in group)
 
 
@@ -217,11 +230,29 @@ def _packed_for(key: Union[nn.Module, Tuple[nn.Module, ...]], modules: Tuple[nn.
     for m in modules:
         if type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks or _needs_grad(m, x, residual):
             return None
+    return current(table, key, modules)
+
+
+def current(table: PackedTable, key, modules: Tuple[nn.Module, ...]) -> Optional[PackedWeight]:
+    """table[key], packed again first if a weight or bias changed since packing; None once one is not fp32."""
+    entry = table[key]
     if not entry.fits(modules):
         if any(m.weight.dtype != torch.float32 for m in modules):
             return None
         entry = table[key] = PackedWeight.of(*modules)
     return entry
+
+
+def packed_chosen(entry: PackedWeight, epilogue: str, rows: int) -> bool:
+    """Was the packed kernel chosen for this weight's GEMM (fp32, no autograd) with this epilogue
+    (`epilogue(...)`; "group/N" for N linears packed as one) at this many rows?"""
+    key = (torch.float32, entry.shape.shape[1], entry.shape.shape[0], epilogue, rows.bit_length(), False, True)
+    return _choices.get(key) == "packed"
+
+
+def global_hooks_or_recording() -> bool:
+    """A global forward (pre-)hook, a graph being recorded or a transform active: only `module(x)` is right."""
+    return bool(_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]) or _recording_or_transformed()
 
 
 def _recording_or_transformed() -> bool:
@@ -241,7 +272,7 @@ def _plain(module: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor])
             and not torch.jit.is_scripting() and not _recording_or_transformed())
 
 
-def _epilogue(act: Optional[Callable], residual: Optional[torch.Tensor]) -> str:
+def epilogue(act: Optional[Callable], residual: Optional[torch.Tensor]) -> str:
     if act is not None:
         return _FUSABLE[act][0] + "/" + _FUSABLE[act][1] if act in _FUSABLE else "other"
     return "add" if residual is not None else "none"
@@ -284,7 +315,7 @@ def _decide_linear(key: Key, module, x, act, residual, rows: int, packed: Option
     if packed is not None:
         for probe in probes:
             probe.packed = PackedWeight.of(probe)
-        candidates["packed"] = run(lambda m, xs, a, r: _mkl_packed(m.packed, xs, a, r))
+        candidates["packed"] = run(lambda m, xs, a, r: run_packed(m.packed, xs, a, r))
     return _decide(key, rows, run(linear_reference if grad else _torch_linear), candidates)
 
 
@@ -376,11 +407,11 @@ def _onednn(module: nn.Linear, x: torch.Tensor, act=None, residual=None) -> torc
     return y if residual is None else y + residual
 
 
-def _mkl_packed(packed: PackedWeight, x: torch.Tensor, act, residual) -> torch.Tensor:
+def run_packed(packed: PackedWeight, x: torch.Tensor, act, residual) -> torch.Tensor:
     """MKL's GEMM on the packed weight (and its bias), then the activation and the residual add, in place."""
-    x2 = x.reshape(-1, x.shape[-1])
-    # the last argument is the row count the op checks against: every row count runs on the packed copy
-    return _epilogue_in_place(_MKL_LINEAR(x2, packed.data, packed.shape, packed.bias, x2.shape[0]).view(*x.shape[:-1], -1),
+    # (..., in) -> (..., out): the op flattens the leading dimensions itself. Its last argument is the row
+    # count it checks against: given the actual one, every row count runs on the packed copy.
+    return _epilogue_in_place(_MKL_LINEAR(x, packed.data, packed.shape, packed.bias, x.numel() // x.shape[-1]),
                               act, residual)
 
 

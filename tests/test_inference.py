@@ -12,6 +12,7 @@ from torch import nn
 import bert_port as bp
 from bert_port import kernels
 from bert_port.inference import prepack
+from bert_port.model import BertSelfAttention
 from tests.conftest import TINY, make_inputs, scale_weights_
 
 # Wide enough that every GEMM has >= MIN_ROWS rows and real work; 3 layers, so weights differ per layer.
@@ -154,8 +155,8 @@ def test_a_packed_kernel_that_disagrees_is_not_used(monkeypatch):
     m = model()
     ids = torch.randint(1, 99, (1, 32))
     want = plain(m, ids, monkeypatch=monkeypatch)[1]
-    real = kernels._mkl_packed
-    monkeypatch.setattr(kernels, "_mkl_packed", lambda *a: real(*a) * 1.01)
+    real = kernels.run_packed
+    monkeypatch.setattr(kernels, "run_packed", lambda *a: real(*a) * 1.01)
     assert (prepack(m)(ids)[1] - want).abs().max() <= 1e-5
     assert packed_choices() and "packed" not in packed_choices().values()
 
@@ -222,6 +223,75 @@ def test_a_global_forward_hook_sees_every_linear_under_prepack():
         handle.remove()
     linears = [x for x in m.modules() if isinstance(x, nn.Linear)]
     assert len(seen) == len(linears) and set(map(id, seen)) == set(map(id, linears))
+
+
+def _module_path_off(monkeypatch):
+    """Make BertSelfAttention's forward fail: only a layer that runs as one PackedLayer gets through."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the module path ran")
+    monkeypatch.setattr(BertSelfAttention, "forward", refuse)
+
+
+@needs_mkl
+@pytest.mark.parametrize("padded", [False, True])
+def test_packed_layers_give_the_module_paths_numbers_bit_for_bit(monkeypatch, padded):
+    """prepack runs each stock BertLayer as straight-line code (inference.PackedLayer): the same ops on
+    the same packed weights as the module path, so the same numbers to the bit, padding included."""
+    monkeypatch.setenv("BERT_PORT_LINEAR", "packed")
+    m = model()
+    ids, types, mask = make_inputs(batch=2, seq_len=24, vocab=CFG["vocab_size_or_config_json_file"])
+    if not padded:
+        mask = torch.ones_like(mask)
+    fast = prepack(m)
+    with torch.no_grad(), kernels.using_packed(fast.packed):  # the module path on the packed weights
+        want, want_pooled = m(ids, types, mask)
+    with monkeypatch.context() as patch:
+        _module_path_off(patch)
+        layers, pooled = fast(ids, types, mask)
+        with torch.inference_mode():  # also under inference_mode
+            assert torch.equal(fast(ids, types, mask)[1], pooled)
+    assert all(torch.equal(a, b) for a, b in zip(layers, want)) and torch.equal(pooled, want_pooled)
+
+
+@needs_mkl
+@pytest.mark.parametrize("change", ["layernorm hook", "linear swapped", "a submodule in train mode", "act changed"])
+def test_packed_layers_step_aside_for_what_they_do_not_reproduce(monkeypatch, change):
+    """A hook, a swapped-in module or train mode after packing: that layer runs its modules (the hook
+    runs, the new module is used) and the result is the plain model's; another activation is computed
+    on the packed path, with the same result."""
+    monkeypatch.setenv("BERT_PORT_LINEAR", "packed")  # packed wherever it may run, whatever is faster here
+    m = model()
+    ids = torch.randint(1, 99, (1, 32))
+    fast = prepack(m)
+    fast(ids)  # packed: the change comes afterwards
+    layer = m.encoder.layer[1]
+    calls = []
+    if change == "layernorm hook":
+        layer.output.LayerNorm.register_forward_hook(lambda mod, args, out: calls.append(mod) or out * 2)
+    elif change == "linear swapped":
+        torch.manual_seed(3)
+        layer.intermediate.dense = nn.Linear(CFG["hidden_size"], CFG["intermediate_size"])
+    elif change == "a submodule in train mode":
+        layer.attention.output.train()
+        layer.attention.output.dropout.p = 0.0  # train mode without random numbers: comparable
+    else:
+        layer.intermediate.intermediate_act_fn = torch.tanh
+    want = plain(m, ids, monkeypatch=monkeypatch)
+    fast(ids)  # kernels chosen again (`plain` forgot them)
+    calls.clear()
+    with monkeypatch.context() as patch:  # the other layers still run packed
+        real, ran = BertSelfAttention.forward, []
+        patch.setattr(BertSelfAttention, "forward",
+                      lambda self, *a: ran.append(self) or real(self, *a) if self is layer.attention.self else _fail())
+        got = fast(ids)
+    assert (got[1] - want[1]).abs().max() <= 1e-5
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(got[0], want[0]))
+    assert change != "layernorm hook" or calls
+    assert bool(ran) == (change != "act changed")  # a new activation is computed on the packed path
+
+
+def _fail():
+    raise AssertionError("a layer that could run packed ran its modules")
 
 
 @needs_mkl
