@@ -19,8 +19,9 @@ For plain modules there are two kernels:
 
 So nothing is assumed: the first call of each (dtype, in, out, epilogue, rows bucket, autograd,
 packed) runs every candidate kernel, checks that they agree and times them on weights that are not
-in the caches (as in a forward); another kernel than F.linear is kept only if it is measurably faster
-(5 % in fp32; in bf16 a tie goes to the fused oneDNN call, see MARGIN). Set `BERT_PORT_LINEAR=torch`
+in the caches (as in a forward); another kernel than the default (F.linear; the packed one where
+`prepack` packed the weight) is kept only if it is measurably faster (5 % in fp32; in bf16 a tie
+goes to the fused oneDNN call, see MARGIN). Set `BERT_PORT_LINEAR=torch`
 (or `onednn`, `packed`) to force a choice; `choices()` shows what was decided.
 Tracing, scripting, ONNX export, torch.compile / torch.export and tensor subclasses always get
 "torch", the kernel every exporter knows.
@@ -321,8 +322,11 @@ def _decide_linear(key: Key, module, x, act, residual, rows: int, packed: Option
 
 def _decide(key: Key, rows: int, reference: Callable[[], torch.Tensor],
             candidates: Dict[str, Callable[[], torch.Tensor]]) -> str:
-    """Run every candidate kernel once, keep those that agree with the reference (F.linear), time
-    them and choose the fastest if it beats the reference by the dtype's MARGIN; or what BERT_PORT_LINEAR forces."""
+    """Run every candidate kernel once, keep those that agree with the reference (F.linear), time them
+    with it and keep the default unless another beats it by MARGIN; or what BERT_PORT_LINEAR forces.
+    The default is F.linear, or the packed kernel where `prepack` packed the weight: the caller asked
+    for it, and at batch 1 it is 15-25 % faster, so noise during the measurement must not send the
+    process's GEMMs of this shape to F.linear (BERT-base 1x32: 47 ms instead of 39, seen once)."""
     forced = os.environ.get("BERT_PORT_LINEAR", "auto").strip().lower()
     if forced not in ("auto", "torch", "onednn", "packed"):
         raise ValueError(f"BERT_PORT_LINEAR={forced!r}: use auto, torch, onednn or packed")
@@ -345,7 +349,10 @@ def _decide(key: Key, rows: int, reference: Callable[[], torch.Tensor],
         if forced != "auto":
             choice = agree[0][0] if agree else "torch"
         elif agree:
-            choice = _fastest(agree, reference, MARGIN.get(key[0], MARGIN[torch.float32]))
+            # the default, which wins ties: the packed kernel where `prepack` asked for it, else F.linear
+            default = "packed" if any(name == "packed" for name, _ in agree) else "torch"
+            margin = MARGIN[torch.float32] if default == "packed" else MARGIN.get(key[0], MARGIN[torch.float32])
+            choice = _fastest([("torch", reference)] + agree, default, margin)
     _choices[key] = choice
     return choice
 
@@ -373,19 +380,18 @@ def _epilogue_in_place(y: torch.Tensor, act, residual) -> torch.Tensor:
     return y.add_(residual) if residual.shape == y.shape else y + residual
 
 
-def _fastest(candidates: List[Tuple[str, Callable[[], torch.Tensor]]], reference: Callable[[], torch.Tensor],
-             margin: float, repeats: int = 5) -> str:
-    """The fastest candidate if it beats `reference` by `margin`, else "torch". Best of `repeats`
-    calls each, interleaved so that a burst of load from elsewhere hits all alike."""
-    fns = [reference] + [fn for _, fn in candidates]
-    best = [float("inf")] * len(fns)
+def _fastest(timed: List[Tuple[str, Callable[[], torch.Tensor]]], default: str, margin: float,
+             repeats: int = 5) -> str:
+    """The fastest kernel of `timed` (name, fn) if its time is below `margin` times `default`'s, else
+    `default`. Best of `repeats` calls each, interleaved so that a burst of load from elsewhere hits all alike."""
+    best = {name: float("inf") for name, _ in timed}
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        for name, fn in timed:
             start = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    i = min(range(1, len(fns)), key=best.__getitem__)
-    return candidates[i - 1][0] if best[i] < margin * best[0] else "torch"
+            best[name] = min(best[name], time.perf_counter() - start)
+    challenger = min((name for name in best if name != default), key=best.__getitem__)
+    return challenger if best[challenger] < margin * best[default] else default
 
 
 def _onednn(module: nn.Linear, x: torch.Tensor, act=None, residual=None) -> torch.Tensor:

@@ -85,15 +85,34 @@ def test_a_kernel_that_cannot_run_falls_back(forced, monkeypatch):
 
 def test_ties_go_to_f_linear_in_fp32_and_to_the_fused_onednn_call_in_bf16():
     """The decision rule on controlled timings (sleeps): a candidate 2 % slower than F.linear is kept
-    in bf16 only; 10 % faster is kept in both; 10 % slower in neither."""
+    in bf16 only; 10 % faster is kept in both; 10 % slower in neither. Where the packed kernel is the
+    default (prepack), F.linear must be 5 % faster than it to be chosen."""
     def sleeper(ms):
         return lambda: time.sleep(ms / 1e3)
 
-    reference = sleeper(20)
     for candidate_ms, fp32, bf16 in ((20.4, "torch", "onednn"), (18, "onednn", "onednn"), (22, "torch", "torch")):
-        candidates = [("onednn", sleeper(candidate_ms))]
-        assert kernels._fastest(candidates, reference, kernels.MARGIN[torch.float32]) == fp32, candidate_ms
-        assert kernels._fastest(candidates, reference, kernels.MARGIN[torch.bfloat16]) == bf16, candidate_ms
+        timed = [("torch", sleeper(20)), ("onednn", sleeper(candidate_ms))]
+        assert kernels._fastest(timed, "torch", kernels.MARGIN[torch.float32]) == fp32, candidate_ms
+        assert kernels._fastest(timed, "torch", kernels.MARGIN[torch.bfloat16]) == bf16, candidate_ms
+    for torch_ms, chosen in ((19.6, "packed"), (22, "packed"), (18, "torch")):
+        timed = [("torch", sleeper(torch_ms)), ("packed", sleeper(20))]
+        assert kernels._fastest(timed, "packed", kernels.MARGIN[torch.float32]) == chosen, torch_ms
+
+
+def test_where_prepack_packed_the_weight_a_tie_keeps_the_packed_kernel(monkeypatch):
+    """`_decide` with the packed kernel among the candidates: F.linear 2 % faster does not take over
+    (noise must not undo the opt-in); 10 % faster does. Without packing, the same tie goes to F.linear."""
+    monkeypatch.delenv("BERT_PORT_LINEAR", raising=False)
+    y = torch.ones(4)
+
+    def sleeper(ms):
+        return lambda: time.sleep(ms / 1e3) or y
+
+    key = (torch.float32, 8, 8, "none", 6, False, True)
+    for torch_ms, chosen in ((19.6, "packed"), (18, "torch")):
+        assert kernels._decide(key, 32, sleeper(torch_ms), {"packed": sleeper(20)}) == chosen, torch_ms
+    assert kernels._decide(key, 32, sleeper(19.6), {"onednn": sleeper(20)}) == "torch"
+    kernels.reset()
 
 
 def test_in_place_activations_compute_their_functions():
