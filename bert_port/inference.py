@@ -9,7 +9,7 @@ runs as straight-line code (`PackedLayer`: the module path's ops without its per
 Python, checked once per call), the same numbers bit for bit: between GEMMs that stream the weights
 through the caches that Python costs several times its warm-cache time. Measured on BERT-base, 2
 threads, AMX Xeon (bench/bench_inference.py, case single; bench/README.md): 1x32 ~20-25 % and 1x128
-~15 % faster than the plain model; larger batches are unchanged.
+~15-20 % faster than the plain model (PackedLayer's part: ~5 % at 1x32); 8x128 is unchanged.
 
 What it costs, said plainly:
 - memory: one packed copy of every linear weight, held by the returned object (`del fast` frees
