@@ -235,10 +235,11 @@ def _packed_for(key: Union[nn.Module, Tuple[nn.Module, ...]], modules: Tuple[nn.
 
 
 def current(table: PackedTable, key, modules: Tuple[nn.Module, ...]) -> Optional[PackedWeight]:
-    """table[key], packed again first if a weight or bias changed since packing; None once one is not fp32."""
+    """table[key], packed again first if a weight or bias changed since packing; None once one is not
+    an fp32 CPU tensor (e.g. after `model.to(torch.bfloat16)` or `.to("cuda")`)."""
     entry = table[key]
     if not entry.fits(modules):
-        if any(m.weight.dtype != torch.float32 for m in modules):
+        if any(m.weight.dtype != torch.float32 or m.weight.device.type != "cpu" for m in modules):
             return None
         entry = table[key] = PackedWeight.of(*modules)
     return entry

@@ -11,6 +11,7 @@ from torch import nn
 
 import bert_port as bp
 from bert_port import kernels
+from bert_port import inference
 from bert_port.inference import prepack
 from bert_port.model import BertSelfAttention
 from tests.conftest import TINY, make_inputs, scale_weights_
@@ -186,6 +187,18 @@ def test_bf16_models_and_grad_stay_on_their_own_path():
     m.to(torch.bfloat16)  # new weight tensors, not fp32: the packed copies are not used
     out = fast(torch.randint(1, 99, (1, 32)))[1]
     assert out.dtype == torch.bfloat16 and not packed_choices()
+
+
+@needs_mkl
+def test_weights_moved_off_the_cpu_are_not_packed_again():
+    """The per-call layer checks see a model moved to another device (here "meta": no GPU needed)
+    and leave it to the module path instead of handing MKL a tensor it cannot pack."""
+    m = model()
+    fast = prepack(m)
+    assert len(fast.layers) == CFG["num_hidden_layers"]
+    m.to("meta")
+    table = fast.table_now()  # raised inside MKL's packing before the device check
+    assert not any(isinstance(v, inference.PackedLayer) for v in table.values())
 
 
 @needs_mkl
