@@ -92,9 +92,10 @@ class PackedLayer:
     checks the layer once and runs the same ops in the same order (the same numbers, bit for bit).
 
     It runs only while the layer is exactly as packed: the same stock modules in the same places, in
-    eval mode, without hooks (none global), fp32 CPU input, an SDPA attention plan, no graph being
-    recorded, and the packed kernel chosen for all four GEMMs at this row count. Otherwise (returns
-    None) the module path runs, hooks and swapped-in modules included.
+    eval mode, without hooks (none global) and with their own forwards (none replaced on the instance
+    or the class), fp32 CPU input, an SDPA attention plan, no graph being recorded, and the packed
+    kernel chosen for all four GEMMs at this row count. Otherwise (returns None) the module path runs,
+    hooks, replaced forwards and swapped-in modules included.
     """
 
     def __init__(self, layer: BertLayer) -> None:
@@ -135,13 +136,15 @@ class PackedLayer:
         if layer.training or layer._forward_hooks or layer._forward_pre_hooks:
             return False
         for parent, name, m in self.slots:
-            if parent._modules.get(name) is not m or m.training or m._forward_hooks or m._forward_pre_hooks:
+            if (parent._modules.get(name) is not m or m.training or m._forward_hooks or m._forward_pre_hooks
+                    or "forward" in m.__dict__ or type(m).forward is not _FORWARDS[type(m)]):
                 return False
         return all(kernels.current(table, key, modules) is not None for key, modules in self.linears)
 
     def __call__(self, layer: BertLayer, h: torch.Tensor, plan: Any) -> Optional[torch.Tensor]:
         """(B, S, H) -> (B, S, H): the layer's forward on packed weights, or None (the module path runs)."""
-        if (type(plan) is not AttentionPlan or plan.path not in ("sdpa", "sdpa_masked") or type(h) is not torch.Tensor
+        if (type(plan) is not AttentionPlan or plan.path not in ("sdpa", "sdpa_masked") or plan.unpadded
+                or type(h) is not torch.Tensor
                 or h.dtype != torch.float32 or not h.is_cpu or h.dim() != 3 or h.shape[-1] != self.width):
             return None
         table, rows, act = kernels.packed_table(), h.shape[0] * h.shape[1], self.inter.intermediate_act_fn
@@ -163,6 +166,9 @@ class PackedLayer:
 
 
 _STOCK = (BertAttention, BertSelfAttention, BertSelfOutput, BertLayerNorm, BertIntermediate, BertOutput, BertLayerNorm)
+# The forwards PackedLayer reproduces, as imported: one replaced later (on a class, by a library that
+# patches it) makes the layer run its modules, so the replacement runs.
+_FORWARDS = {cls: cls.forward for cls in _STOCK + (nn.Linear,)}
 
 
 def _packable(module: nn.Module) -> bool:

@@ -214,7 +214,8 @@ def linears(modules: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor
 def _packed_for(key: Union[nn.Module, Tuple[nn.Module, ...]], modules: Tuple[nn.Module, ...], x: torch.Tensor,
                 residual: Optional[torch.Tensor]) -> Optional[PackedWeight]:
     """The packed weight that runs `modules` on `x` now, or None: not inside `using_packed` or not in
-    its table, not a plain fp32 CPU call without autograd, a hook to run, or a graph being recorded.
+    its table, not a plain fp32 CPU call without autograd, a hook or a replaced forward to run, or a
+    graph being recorded.
     Packed again first if a weight or bias changed since packing.
 
     The conditions of `_plain` for this one case, written for speed: at batch 1 this runs ~50 times
@@ -226,10 +227,12 @@ def _packed_for(key: Union[nn.Module, Tuple[nn.Module, ...]], modules: Tuple[nn.
     if (entry is None or type(x) is not torch.Tensor or x.dtype != torch.float32 or not x.is_cpu
             or x.shape[-1] != entry.shape.shape[1]
             or (residual is not None and (type(residual) is not torch.Tensor or residual.dtype != torch.float32))
-            or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _recording_or_transformed()):
+            or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or nn.Linear.forward is not _LINEAR_FORWARD
+            or _recording_or_transformed()):
         return None
     for m in modules:
-        if type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks or _needs_grad(m, x, residual):
+        if (type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
+                or _needs_grad(m, x, residual)):
             return None
     return current(table, key, modules)
 
@@ -265,8 +268,10 @@ def _recording_or_transformed() -> bool:
 
 
 def _plain(module: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
-    """A standard nn.Linear, no hooks, plain CPU tensors, nothing recording a graph: oneDNN may run it."""
+    """A standard nn.Linear (its forward not replaced, on the instance or the class), no hooks, plain
+    CPU tensors, nothing recording a graph: oneDNN may run it."""
     return (_ONEDNN_OP is not None and type(module) is nn.Linear and type(x) is torch.Tensor
+            and "forward" not in module.__dict__ and nn.Linear.forward is _LINEAR_FORWARD
             and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and module.weight.dtype == x.dtype and type(module.weight) is nn.Parameter
             and (residual is None or (type(residual) is torch.Tensor and residual.dtype == x.dtype))
@@ -452,6 +457,8 @@ def _find_onednn_op():
 
 
 _ONEDNN_OP = _find_onednn_op()
+# nn.Linear's own forward: a library that replaces it (on the class) means module(x) must run.
+_LINEAR_FORWARD = nn.Linear.forward
 # torch's registries of global forward (pre-)hooks, dicts changed in place: any entry means module(x) must run.
 _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 _MKL_LINEAR = torch.ops.mkl._mkl_linear.default if can_pack() else None

@@ -13,7 +13,7 @@ import bert_port as bp
 from bert_port import kernels
 from bert_port import inference
 from bert_port.inference import prepack
-from bert_port.model import BertSelfAttention
+from bert_port.model import BertSelfOutput
 from tests.conftest import TINY, make_inputs, scale_weights_
 
 # Wide enough that every GEMM has >= MIN_ROWS rows and real work; 3 layers, so weights differ per layer.
@@ -239,10 +239,11 @@ def test_a_global_forward_hook_sees_every_linear_under_prepack():
 
 
 def _module_path_off(monkeypatch):
-    """Make BertSelfAttention's forward fail: only a layer that runs as one PackedLayer gets through."""
+    """Make the module path fail (its attention calls `kernels.linears`; PackedLayer does not): only a
+    layer that runs as one PackedLayer gets through."""
     def refuse(*args, **kwargs):
         raise AssertionError("the module path ran")
-    monkeypatch.setattr(BertSelfAttention, "forward", refuse)
+    monkeypatch.setattr(kernels, "linears", refuse)
 
 
 @needs_mkl
@@ -267,11 +268,12 @@ def test_packed_layers_give_the_module_paths_numbers_bit_for_bit(monkeypatch, pa
 
 
 @needs_mkl
-@pytest.mark.parametrize("change", ["layernorm hook", "linear swapped", "a submodule in train mode", "act changed"])
+@pytest.mark.parametrize("change", ["layernorm hook", "linear swapped", "a submodule in train mode", "act changed",
+                                    "forward replaced on an instance", "forward replaced on the class"])
 def test_packed_layers_step_aside_for_what_they_do_not_reproduce(monkeypatch, change):
-    """A hook, a swapped-in module or train mode after packing: that layer runs its modules (the hook
-    runs, the new module is used) and the result is the plain model's; another activation is computed
-    on the packed path, with the same result."""
+    """A hook, a swapped-in module, train mode or a replaced forward after packing: that layer runs its
+    modules (the hook runs, the new module or forward is used) and the result is the plain model's;
+    another activation is computed on the packed path, with the same result."""
     monkeypatch.setenv("BERT_PORT_LINEAR", "packed")  # packed wherever it may run, whatever is faster here
     m = model()
     ids = torch.randint(1, 99, (1, 32))
@@ -287,20 +289,28 @@ def test_packed_layers_step_aside_for_what_they_do_not_reproduce(monkeypatch, ch
     elif change == "a submodule in train mode":
         layer.attention.output.train()
         layer.attention.output.dropout.p = 0.0  # train mode without random numbers: comparable
-    else:
+    elif change == "act changed":
         layer.intermediate.intermediate_act_fn = torch.tanh
+    elif change == "forward replaced on an instance":  # as accelerate's hooks do
+        norm = layer.output.LayerNorm
+        norm.forward = lambda x: calls.append(norm) or nn.LayerNorm.forward(norm, x) * 2
+    else:  # as a library patching the class does: every layer runs its modules
+        real_forward = BertSelfOutput.forward
+        monkeypatch.setattr(BertSelfOutput, "forward",
+                            lambda self, h, x: calls.append(self) or real_forward(self, h, x) * 2)
     want = plain(m, ids, monkeypatch=monkeypatch)
     fast(ids)  # kernels chosen again (`plain` forgot them)
     calls.clear()
     with monkeypatch.context() as patch:  # the other layers still run packed
-        real, ran = BertSelfAttention.forward, []
-        patch.setattr(BertSelfAttention, "forward",
-                      lambda self, *a: ran.append(self) or real(self, *a) if self is layer.attention.self else _fail())
+        real, ran = kernels.linears, []
+        every = change == "forward replaced on the class"
+        patch.setattr(kernels, "linears", lambda modules, x: ran.append(modules) or real(modules, x)
+                      if every or modules[0] is layer.attention.self.query else _fail())
         got = fast(ids)
     assert (got[1] - want[1]).abs().max() <= 1e-5
     assert all((a - b).abs().max() <= 1e-5 for a, b in zip(got[0], want[0]))
-    assert change != "layernorm hook" or calls
-    assert bool(ran) == (change != "act changed")  # a new activation is computed on the packed path
+    assert calls or change not in ("layernorm hook", "forward replaced on an instance", "forward replaced on the class")
+    assert len(ran) == (0 if change == "act changed" else CFG["num_hidden_layers"] if every else 1)
 
 
 def _fail():

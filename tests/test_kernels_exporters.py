@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import bert_port as bp
 from bert_port import kernels
@@ -112,6 +114,27 @@ def test_where_prepack_packed_the_weight_a_tie_keeps_the_packed_kernel(monkeypat
     for torch_ms, chosen in ((19.6, "packed"), (18, "torch")):
         assert kernels._decide(key, 32, sleeper(torch_ms), {"packed": sleeper(20)}) == chosen, torch_ms
     assert kernels._decide(key, 32, sleeper(19.6), {"onednn": sleeper(20)}) == "torch"
+    kernels.reset()
+
+
+@pytest.mark.parametrize("where", ["instance", "class"])
+def test_a_replaced_linear_forward_runs(monkeypatch, where):
+    """A library that replaces nn.Linear's forward (on one module, as accelerate's hooks do, or on the
+    class) gets it called: no kernel of ours runs in its place, on the plain or the packed path."""
+    monkeypatch.setenv("BERT_PORT_LINEAR", "packed" if kernels.can_pack() else "auto")
+    kernels.reset()
+    torch.manual_seed(0)
+    lin, x = nn.Linear(32, 48), torch.randn(2, 20, 32)
+    if where == "instance":
+        lin.forward = lambda t: F.linear(t, lin.weight, lin.bias) * 2
+    else:
+        monkeypatch.setattr(nn.Linear, "forward", lambda self, t: F.linear(t, self.weight, self.bias) * 2)
+    want = F.linear(x, lin.weight, lin.bias) * 2
+    table = {lin: kernels.PackedWeight.of(lin)} if kernels.can_pack() else {}
+    with torch.no_grad():
+        assert torch.allclose(kernels.linear(lin, x), want, atol=1e-6)
+        with kernels.using_packed(table):
+            assert torch.allclose(kernels.linear(lin, x), want, atol=1e-6)
     kernels.reset()
 
 
