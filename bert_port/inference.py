@@ -76,8 +76,9 @@ class Prepacked:
             return self.model(*args, **kwargs)
 
     def table_now(self) -> kernels.PackedTable:
-        """The packed weights, and the BertLayers that can run as one PackedLayer in this call."""
-        if kernels.global_hooks_or_recording():
+        """The packed weights, and the BertLayers that can run as one PackedLayer in this call (none while
+        a global hook, a graph recording or a replaced method of the layer's classes must be honoured)."""
+        if kernels.global_hooks_or_recording() or any(getattr(cls, name) is not f for cls, name, f in _METHODS):
             return self.packed
         ready = {run.layer: run for run in self.layers if run.ready(self.packed)}  # may pack weights again
         return {**self.packed, **ready}
@@ -137,7 +138,7 @@ class PackedLayer:
             return False
         for parent, name, m in self.slots:
             if (parent._modules.get(name) is not m or m.training or m._forward_hooks or m._forward_pre_hooks
-                    or "forward" in m.__dict__ or type(m).forward is not _FORWARDS[type(m)]):
+                    or "forward" in m.__dict__):
                 return False
         return all(kernels.current(table, key, modules) is not None for key, modules in self.linears)
 
@@ -166,9 +167,11 @@ class PackedLayer:
 
 
 _STOCK = (BertAttention, BertSelfAttention, BertSelfOutput, BertLayerNorm, BertIntermediate, BertOutput, BertLayerNorm)
-# The forwards PackedLayer reproduces, as imported: one replaced later (on a class, by a library that
-# patches it) makes the layer run its modules, so the replacement runs.
-_FORWARDS = {cls: cls.forward for cls in _STOCK + (nn.Linear,)}
+# The methods whose work PackedLayer reproduces, as imported: one replaced later on its class (by a
+# library that patches it) makes every layer run its modules, so the replacement runs.
+_METHODS = tuple((cls, name, getattr(cls, name)) for cls, name in (
+    [(cls, "forward") for cls in (nn.Linear,) + _STOCK]
+    + [(BertSelfAttention, "transpose_for_scores"), (BertSelfAttention, "projections")]))
 
 
 def _packable(module: nn.Module) -> bool:

@@ -13,7 +13,7 @@ import bert_port as bp
 from bert_port import kernels
 from bert_port import inference
 from bert_port.inference import prepack
-from bert_port.model import BertSelfOutput
+from bert_port.model import BertSelfAttention, BertSelfOutput
 from tests.conftest import TINY, make_inputs, scale_weights_
 
 # Wide enough that every GEMM has >= MIN_ROWS rows and real work; 3 layers, so weights differ per layer.
@@ -269,7 +269,8 @@ def test_packed_layers_give_the_module_paths_numbers_bit_for_bit(monkeypatch, pa
 
 @needs_mkl
 @pytest.mark.parametrize("change", ["layernorm hook", "linear swapped", "a submodule in train mode", "act changed",
-                                    "forward replaced on an instance", "forward replaced on the class"])
+                                    "forward replaced on an instance", "forward replaced on the class",
+                                    "transpose_for_scores replaced on the class"])
 def test_packed_layers_step_aside_for_what_they_do_not_reproduce(monkeypatch, change):
     """A hook, a swapped-in module, train mode or a replaced forward after packing: that layer runs its
     modules (the hook runs, the new module or forward is used) and the result is the plain model's;
@@ -294,22 +295,26 @@ def test_packed_layers_step_aside_for_what_they_do_not_reproduce(monkeypatch, ch
     elif change == "forward replaced on an instance":  # as accelerate's hooks do
         norm = layer.output.LayerNorm
         norm.forward = lambda x: calls.append(norm) or nn.LayerNorm.forward(norm, x) * 2
-    else:  # as a library patching the class does: every layer runs its modules
+    elif change == "forward replaced on the class":  # as a patching library does: every layer runs its modules
         real_forward = BertSelfOutput.forward
         monkeypatch.setattr(BertSelfOutput, "forward",
                             lambda self, h, x: calls.append(self) or real_forward(self, h, x) * 2)
+    else:  # another head layout, e.g. a library that visualises or prunes heads
+        monkeypatch.setattr(BertSelfAttention, "transpose_for_scores",
+                            lambda self, x: calls.append(self) or x.view(*x.shape[:-1], self.num_attention_heads,
+                                                                        -1).transpose(-3, -2).flip(-1))
     want = plain(m, ids, monkeypatch=monkeypatch)
     fast(ids)  # kernels chosen again (`plain` forgot them)
     calls.clear()
     with monkeypatch.context() as patch:  # the other layers still run packed
         real, ran = kernels.linears, []
-        every = change == "forward replaced on the class"
+        every = change.endswith("on the class")
         patch.setattr(kernels, "linears", lambda modules, x: ran.append(modules) or real(modules, x)
                       if every or modules[0] is layer.attention.self.query else _fail())
         got = fast(ids)
     assert (got[1] - want[1]).abs().max() <= 1e-5
     assert all((a - b).abs().max() <= 1e-5 for a, b in zip(got[0], want[0]))
-    assert calls or change not in ("layernorm hook", "forward replaced on an instance", "forward replaced on the class")
+    assert calls or change in ("linear swapped", "a submodule in train mode", "act changed")
     assert len(ran) == (0 if change == "act changed" else CFG["num_hidden_layers"] if every else 1)
 
 
