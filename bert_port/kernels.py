@@ -2,8 +2,8 @@
 
 The model calls `linear(module, x, act, residual)` instead of `module(x)`. The module stays a plain
 `nn.Linear` with its parameters: quantisation, pruning, LoRA wrappers and module walkers see what
-they expect, and anything that is not a plain, hook-free `nn.Linear` on a plain CPU tensor is
-simply called (`module(x)`), so a swapped-in module always runs its own forward.
+they expect, and anything that is not a plain, hook-free `nn.Linear` (its forward not replaced) on
+a plain CPU tensor is simply called (`module(x)`), so a swapped-in module always runs its own forward.
 
 For plain modules there are two kernels:
 - "torch":  `F.linear` then the epilogue (MKL sgemm for fp32 on x86 wheels);
@@ -15,7 +15,8 @@ For plain modules there are two kernels:
   only, and only inside `using_packed(...)` (`bert_port.inference.prepack` sets it up): the packed
   copy costs as much memory as the weight, so nobody pays for it without asking. At batch 1 the
   per-call re-layout of the weight is as costly as the matmul itself; packed once, 1x32 runs ~20 %
-  faster on BERT-base. Activation and residual run after it.
+  faster on BERT-base. Activation and residual run after it. The same table can hold a whole
+  BertLayer's straight-line forward (`packed_forward`, `inference.PackedLayer`).
 
 So nothing is assumed: the first call of each (dtype, in, out, epilogue, rows bucket, autograd,
 packed) runs every candidate kernel, checks that they agree and times them on weights that are not
