@@ -194,8 +194,27 @@ def linear(module: nn.Module, x: torch.Tensor, act: Optional[Callable] = None,
         if not grad:
             return _torch_linear(module, x, act, residual)
     y = module(x)
+    if _owned_output(module, y):
+        return _epilogue_in_place(y, act, residual)
     y = y if act is None else act(y)
     return y if residual is None else y + residual
+
+
+def returns_new_tensor(cls: type) -> type:
+    """Class decorator: `cls.forward` returns a tensor nobody else holds (e.g. quantize.QuantizedLinear),
+    so `linear` may apply the activation and residual add in place on it: at 8x128 each out-of-place
+    epilogue is one more 3-12 MB buffer, and fresh buffers of that size cost page faults per call."""
+    _NEW_TENSOR_FORWARDS[cls] = cls.forward
+    return cls
+
+
+def _owned_output(module: nn.Module, y) -> bool:
+    """Is y, returned by module(x), a new tensor nobody else can see: a registered class's own forward
+    (not replaced on the instance or the class), no forward hook that could have kept it, no autograd."""
+    cls = type(module)
+    return (_NEW_TENSOR_FORWARDS.get(cls) is cls.forward and "forward" not in module.__dict__
+            and type(y) is torch.Tensor and not module._forward_hooks and not _GLOBAL_HOOKS[0]
+            and not (y.requires_grad and torch.is_grad_enabled()) and not _recording_or_transformed())
 
 
 def linears(modules: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -463,3 +482,4 @@ _LINEAR_FORWARD = nn.Linear.forward
 # torch's registries of global forward (pre-)hooks, dicts changed in place: any entry means module(x) must run.
 _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 _MKL_LINEAR = torch.ops.mkl._mkl_linear.default if can_pack() else None
+_NEW_TENSOR_FORWARDS: Dict[type, Callable] = {}  # see returns_new_tensor

@@ -2,9 +2,9 @@
 
 The scheme, and why it is this one:
 - weights: symmetric int8 with one scale per output channel (row of W), computed once;
-- activations: asymmetric int8 with one scale and zero point per token (row of x), taken from that
-  row's min and max at every call (dynamic: no calibration data, nothing to re-tune per task);
-- y = s_x s_w (x_q @ W_q^T - zero rowsum(W_q)) + b, the int8 product on oneDNN's int8 linear with a
+- activations: asymmetric 8-bit (uint8) with one scale and zero point per token (row of x), taken
+  from that row's min and max at every call (dynamic: no calibration data, nothing to re-tune per task);
+- y = s_x s_w (x_q @ W_q^T - zero rowsum(W_q)) + b, the u8 x s8 product on oneDNN's int8 linear with a
   prepacked weight (AMX or VNNI instructions where the CPU has them; `torch._int_mm` elsewhere).
   The prepacked copy lives beside the module (not in its state), made on first use.
 - the input is quantized once per tensor: query, key and value share it (see _quantized_input).
@@ -50,6 +50,7 @@ EXPORT_ERROR = ("QuantizedLinear (bert_port.quantize_int8) does not export to ON
                 "quantize the .onnx file with onnxruntime.quantization.quantize_dynamic instead")
 
 
+@kernels.returns_new_tensor  # its epilogue (GELU, residual add) runs in place
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with int8 W (one scale per output row) and int8 x (one scale per token)."""
 
@@ -89,11 +90,13 @@ class QuantizedLinear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _int8_matmul(self, xq: torch.Tensor) -> torch.Tensor:
-        """(xq @ W_q^T) * s_w in fp32: oneDNN's int8 linear on a prepacked weight (AMX/VNNI, the
-        per-channel scale applied inside the kernel), else torch._int_mm and a multiply."""
+        """(xq @ W_q^T) * s_w in fp32 for uint8 xq: oneDNN's u8 x s8 linear on a prepacked weight (AMX/VNNI,
+        the per-channel scale applied inside the kernel), else torch._int_mm (s8 x s8: xq - 128, and
+        128 rowsum(W_q) added back) and a multiply."""
         packed = _packed_weight(self)
         if packed is None:
-            return torch._int_mm(xq, self.weight_int8.t()).float().mul_(self.weight_scale)
+            y = torch._int_mm(xq.bitwise_xor(128).view(torch.int8), self.weight_int8.t()).float()
+            return y.mul_(self.weight_scale).sub_(self.weight_zero_term, alpha=128.0)  # weight_zero_term: -s_w rowsum
         return _QLINEAR(xq, _ONE, _ZERO, packed, self.weight_scale.float(), _zeros(self.out_features), None,
                         1.0, 0, torch.float32, "none", [], "")
 
@@ -140,21 +143,45 @@ def _zeros(n: int) -> torch.Tensor:
 
 _last = threading.local()  # the last input quantized in this thread: query, key and value share it
 
+# Values up to which each thread quantizes activations in two work buffers it keeps (fp32 and uint8, 5 bytes a
+# value: 80 MB at most; BERT-base 8x128 needs 15.7 MB). Why keep them: buffers of that size, freed and allocated
+# again, often come back as fresh pages from the kernel; BERT-base 8x128 took 60k page faults per forward without
+# them and 12k with them (~1.5 us each on the 2-core VM of bench/README.md). Larger inputs get fresh buffers.
+WORKSPACE_VALUES = 2**24
+_workspace = threading.local()
+
+
+def _work_buffer(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) buffer of this thread's workspace, overwritten by the next call for `dtype` in this thread."""
+    n = rows * cols
+    if n > WORKSPACE_VALUES:
+        return torch.empty(rows, cols, dtype=dtype)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < n:
+        with torch.inference_mode(False):  # a normal tensor: written in place in and out of inference mode
+            buf = buffers[dtype] = torch.empty(n, dtype=dtype)
+    return buf[:n].view(rows, cols)
+
 
 def _quantized_input(x: torch.Tensor):
-    """(int8 tokens, scale, zero, outlier values, outlier columns) of x, reused when the same tensor
+    """(uint8 tokens, scale, zero, outlier values, outlier columns) of x, reused when the same tensor
     object comes again unmodified (its version counter; tensors made under torch.inference_mode have
-    none, there the object decides): query, key and value read one hidden state."""
+    none, there the object decides): query, key and value read one hidden state.
+    The uint8 tokens live in this thread's workspace, valid until the next input quantized here (the
+    cache is per thread too, so a cached entry's tokens are always the workspace's)."""
     version = None if x.is_inference() else x._version
     cached = getattr(_last, "entry", None)
     if cached is not None and cached[0]() is x and cached[1] == version:
         return cached[2]
-    x2 = x.reshape(-1, x.shape[-1]).float()
+    x2 = x.detach().reshape(-1, x.shape[-1])  # no gradient flows through int8 tokens
     # The OUTLIER_COLUMNS input channels with the largest |value| in this batch stay in floating
     # point: in BERT's residual stream a few channels carry most of some tokens' energy
     # ([CLS], [SEP]), and a per-token scale set by them would leave the other channels ~2 levels.
     cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(min(OUTLIER_COLUMNS, x2.shape[1])).indices
-    result = quantize_tokens(x2.index_fill(1, cols, 0.0)) + (x2[:, cols], cols)
+    outliers = x2[:, cols].float()
+    work = _work_buffer(torch.float32, *x2.shape).copy_(x2).index_fill_(1, cols, 0.0)
+    result = quantize_tokens_(work, _work_buffer(torch.uint8, *x2.shape)) + (outliers, cols)
     _last.entry = (weakref.ref(x), version, result)
     return result
 
@@ -165,21 +192,22 @@ def quantize_rows(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (w / scale).round_().to(torch.int8), scale
 
 
-def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int8 with one scale and zero point per row (the tokens): x ~= (q - zero) * scale.
+def quantize_tokens_(x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 8-bit with one scale and zero point per row (the tokens): (q, scale, zero), x ~= (q - zero) * scale,
+    q written into `out` (uint8, x's shape). Overwrites x (2-D fp32, the caller's work buffer).
 
     Asymmetric because several inputs are far from symmetric (GELU outputs lie in [-0.17, inf)):
     the full 256 levels cover [min, max] of each token. On all-MiniLM-L6-v2 this moves the worst of 12
     sentence embeddings from cosine 0.984 (symmetric per token) to 0.994 (bench/README.md).
     """
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)  # (torch.aminmax is 6x slower here)
-    # A real-valued zero point (the matmul's correction term takes any value) maps lo to -127.495 and hi
-    # to 127.495: every value within half a level of its code. Shifted by 128.5 that is [1.005, 255.995],
-    # so truncating to uint8 rounds, without a clamp or a rounding pass, and flipping the top bit reads
-    # the result as int8 (v ^ 0x80 is v - 128): one pass fewer over x than round-then-convert.
+    # A real-valued zero point (the matmul's correction term takes any value) maps lo to 0.505 and hi to
+    # 255.495: every value within half a level of its code. Plus 0.5 that is [1.005, 255.995], so truncating
+    # to uint8 rounds, without a clamp or a rounding pass. Two in-place passes, not addcmul: with two
+    # broadcast (rows, 1) operands addcmul runs a scalar loop, ~2x slower here.
     inv = 254.99 / (hi - lo).clamp_(min=1e-12)
-    zero = torch.addcmul(torch.full_like(lo, -127.495), lo, inv, value=-1.0)
-    q = torch.addcmul(zero + 128.5, x, inv).to(torch.uint8).bitwise_xor_(128).view(torch.int8)
+    zero = torch.addcmul(torch.full_like(lo, 0.505), lo, inv, value=-1.0)
+    q = out.copy_(x.mul_(inv).add_(zero + 0.5))
     return q, inv.reciprocal(), zero  # q = round(x / scale + zero)
 
 

@@ -144,3 +144,116 @@ def test_under_torch_inference_mode():
         want = bp.quantize_int8(model)(ids, types, mask)[1]
     with torch.inference_mode():
         assert torch.equal(bp.quantize_int8(model)(ids, types, mask)[1], want)
+
+
+def _in_fresh_thread(fn):
+    """fn() in a new thread (a new per-thread workspace), its result or its exception here."""
+    import threading
+
+    box = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # re-raised in the test's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def test_workspace_made_under_inference_mode_serves_every_mode():
+    """The per-thread work buffers, first made under torch.inference_mode, are written in place under
+    no_grad and with autograd on too; every call gives the same outputs as a thread that never used inference mode."""
+    model = small()
+    q = bp.quantize_int8(model)
+    ids, types, mask = make_inputs(batch=2, seq_len=20, vocab=SMALL["vocab_size_or_config_json_file"])
+
+    def calls():
+        outs = []
+        with torch.inference_mode():
+            outs.append(q(ids, types, mask)[0][-1].clone())
+        with torch.no_grad():
+            outs.append(q(ids, types, mask)[0][-1])
+        outs.append(q(ids, types, mask)[0][-1].detach())
+        return outs
+
+    def reference():
+        with torch.no_grad():
+            return q(ids, types, mask)[0][-1]
+
+    want = _in_fresh_thread(reference)
+    for got in _in_fresh_thread(calls):
+        assert torch.equal(got, want)
+
+
+def test_threads_share_no_work_buffers():
+    """Four threads calling one quantized model at once, each on its own batch: each gets what it gets alone."""
+    import concurrent.futures
+
+    q = bp.quantize_int8(small())
+    batches = [make_inputs(batch=2, seq_len=12 + 5 * i, vocab=SMALL["vocab_size_or_config_json_file"], seed=i)
+               for i in range(4)]
+
+    def run(batch):
+        with torch.no_grad():
+            return [q(*batch)[0][-1] for _ in range(5)]
+
+    alone = [_in_fresh_thread(lambda b=b: run(b)[0]) for b in batches]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, batches))
+    for want, outs in zip(alone, together):
+        assert all(torch.equal(got, want) for got in outs)
+
+
+def test_inputs_beyond_the_workspace_get_fresh_buffers(monkeypatch):
+    """Above WORKSPACE_VALUES the work buffers are fresh each call (nothing kept): the same outputs."""
+    from bert_port import quantize as Q
+
+    q = bp.quantize_int8(small())
+    ids, types, mask = make_inputs(batch=2, seq_len=20, vocab=SMALL["vocab_size_or_config_json_file"])
+    want = _in_fresh_thread(lambda: q(ids, types, mask)[0][-1])
+    monkeypatch.setattr(Q, "WORKSPACE_VALUES", 16)
+
+    def small_workspace():
+        out = q(ids, types, mask)[0][-1]
+        return out, Q._workspace.__dict__.get("buffers", {})
+
+    got, kept = _in_fresh_thread(small_workspace)
+    assert torch.equal(got, want) and kept == {}
+
+
+def test_epilogue_in_place_only_on_outputs_nobody_else_holds():
+    """GELU and the residual add run in place on a QuantizedLinear's output, except where a forward
+    hook (which may keep it) or a replaced forward (which may return anything) is involved."""
+    q = bp.quantize_int8(small())
+    ids, types, mask = make_inputs(batch=2, seq_len=20, vocab=SMALL["vocab_size_or_config_json_file"])
+    dense = q.encoder.layer[0].intermediate.dense
+    with torch.no_grad():
+        want = q(ids, types, mask)[0][-1]
+        kept = []
+        handle = dense.register_forward_hook(lambda m, args, out: kept.append((out, out.clone())))
+        assert torch.equal(q(ids, types, mask)[0][-1], want)
+        handle.remove()
+        (held, copy), = kept
+        assert torch.equal(held, copy)  # the hook's tensor was not overwritten by GELU
+
+        returned = []
+        own = dense.forward
+
+        def forward(x):  # a replaced forward that keeps what it returns
+            y = own(x)
+            returned.append((y, y.clone()))
+            return y
+
+        dense.forward = forward
+        try:
+            out = q(ids, types, mask)[0][-1]
+        finally:
+            del dense.forward
+    (held, copy), = returned
+    assert torch.equal(out, want) and torch.equal(held, copy)
