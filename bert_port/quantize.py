@@ -84,7 +84,7 @@ class QuantizedLinear(nn.Module):
         y = self._int8_matmul(xq).mul_(x_scale)  # s_x s_w (xq @ W_q^T), fp32 (M, N)
         # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (xq W_q^T - zero rowsum(W_q))
         # + outliers W[:, cols]^T + b: the zero-point, outlier and bias terms are one thin GEMM added in place.
-        w_out = self.weight_int8[:, cols].float().mul_(self.weight_scale[:, None])
+        w_out = self.weight_int8.index_select(1, cols).float().mul_(self.weight_scale[:, None])
         y.addmm_(torch.cat([x_zero * x_scale, x_out, torch.ones_like(x_scale)], 1),
                  torch.cat([self.weight_zero_term[None], w_out.t(), self._bias()[None]], 0))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -179,7 +179,7 @@ def _quantized_input(x: torch.Tensor):
     # point: in BERT's residual stream a few channels carry most of some tokens' energy
     # ([CLS], [SEP]), and a per-token scale set by them would leave the other channels ~2 levels.
     cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(min(OUTLIER_COLUMNS, x2.shape[1])).indices
-    outliers = x2[:, cols].float()
+    outliers = x2.index_select(1, cols).float()
     work = _work_buffer(torch.float32, *x2.shape).copy_(x2).index_fill_(1, cols, 0.0)
     result = quantize_tokens_(work, _work_buffer(torch.uint8, *x2.shape)) + (outliers, cols)
     _last.entry = (weakref.ref(x), version, result)
