@@ -24,6 +24,10 @@ It is for inference only: no gradients flow through a `QuantizedLinear`. Save th
 quantize after loading: the copy's `save_pretrained` raises (from_pretrained would read its int8
 buffers as missing fp32 weights).
 
+Memory: besides the int8 weights (and oneDNN's packed copy of them), each thread that runs a quantized
+model keeps two work buffers for the activations it quantizes (5 bytes per value of the largest
+input: 15.7 MB for BERT-base at 8x128, at most 80 MB; see WORKSPACE_VALUES), freed with the thread.
+
 Export: a quantized model does not export to ONNX (ONNX has no per-token dynamic int8 matmul that
 ONNX Runtime runs fast); `torch.onnx.export` raises a RuntimeError saying so. To deploy int8 on
 ONNX Runtime, export the fp32 model (`python -m bert_port.export`) and quantize the ONNX file with
