@@ -214,7 +214,7 @@ def _owned_output(module: nn.Module, y) -> bool:
     cls = type(module)
     return (_NEW_TENSOR_FORWARDS.get(cls) is cls.forward and "forward" not in module.__dict__
             and type(y) is torch.Tensor and not module._forward_hooks and not _GLOBAL_HOOKS[0]
-            and not (y.requires_grad and torch.is_grad_enabled()) and not _recording_or_transformed())
+            and not (y.requires_grad and torch.is_grad_enabled()) and not recording_or_transformed())
 
 
 def linears(modules: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -248,7 +248,7 @@ def _packed_for(key: Union[nn.Module, Tuple[nn.Module, ...]], modules: Tuple[nn.
             or x.shape[-1] != entry.shape.shape[1]
             or (residual is not None and (type(residual) is not torch.Tensor or residual.dtype != torch.float32))
             or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or nn.Linear.forward is not _LINEAR_FORWARD
-            or _recording_or_transformed()):
+            or recording_or_transformed()):
         return None
     for m in modules:
         if (type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__
@@ -277,10 +277,10 @@ def packed_chosen(entry: PackedWeight, epilogue: str, rows: int) -> bool:
 
 def global_hooks_or_recording() -> bool:
     """A global forward (pre-)hook, a graph being recorded or a transform active: only `module(x)` is right."""
-    return bool(_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]) or _recording_or_transformed()
+    return bool(_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1]) or recording_or_transformed()
 
 
-def _recording_or_transformed() -> bool:
+def recording_or_transformed() -> bool:
     """A graph being recorded (tracing; an ONNX export traces or compiles), autocast, or a functorch
     transform: the cases where only `module(x)` does the right thing."""
     return (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
@@ -296,7 +296,7 @@ def _plain(module: nn.Module, x: torch.Tensor, residual: Optional[torch.Tensor])
             and module.weight.dtype == x.dtype and type(module.weight) is nn.Parameter
             and (residual is None or (type(residual) is torch.Tensor and residual.dtype == x.dtype))
             and not (module._forward_hooks or module._forward_pre_hooks or _GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1])
-            and not torch.jit.is_scripting() and not _recording_or_transformed())
+            and not torch.jit.is_scripting() and not recording_or_transformed())
 
 
 def epilogue(act: Optional[Callable], residual: Optional[torch.Tensor]) -> str:

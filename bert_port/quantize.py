@@ -32,6 +32,10 @@ Export: a quantized model does not export to ONNX (ONNX has no per-token dynamic
 ONNX Runtime runs fast); `torch.onnx.export` raises a RuntimeError saying so. To deploy int8 on
 ONNX Runtime, export the fp32 model (`python -m bert_port.export`) and quantize the ONNX file with
 `onnxruntime.quantization.quantize_dynamic`; bench/bench_inference.py compares both.
+torch.compile, torch.export and torch.jit.trace do record a quantized model: while a graph is recorded
+a `QuantizedLinear` runs `torch._int_mm` on fresh buffers (ops every compiler knows) instead of
+oneDNN's packed kernel and the per-thread workspace; the same integers (inductor's fused arithmetic
+may round a tie to the other code), but slower: BERT-base 8x128 compiled 653 ms, eager 386 ms.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ import copy
 import functools
 import threading
 import weakref
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -84,8 +88,12 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             raise RuntimeError(EXPORT_ERROR)
-        xq, x_scale, x_zero, x_out, cols = _quantized_input(x)
-        y = self._int8_matmul(xq).mul_(x_scale)  # s_x s_w (xq @ W_q^T), fp32 (M, N)
+        # While a graph is recorded (torch.compile, torch.export, jit.trace): fresh buffers, no cache and
+        # torch._int_mm, ops every compiler knows (oneDNN's packed weight and per-thread state are not).
+        recording = kernels.recording_or_transformed()
+        outliers = min(OUTLIER_COLUMNS, self.in_features)
+        xq, x_scale, x_zero, x_out, cols = (_quantize_input(x, outliers) if recording else _quantized_input(x, outliers))
+        y = self._int8_matmul(xq, None if recording else _packed_weight(self)).mul_(x_scale)  # s_x s_w (xq @ W_q^T)
         # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (xq W_q^T - zero rowsum(W_q))
         # + outliers W[:, cols]^T + b: the zero-point, outlier and bias terms are one thin GEMM added in place.
         w_out = self.weight_int8.index_select(1, cols).float().mul_(self.weight_scale[:, None])
@@ -93,13 +101,13 @@ class QuantizedLinear(nn.Module):
                  torch.cat([self.weight_zero_term[None], w_out.t(), self._bias()[None]], 0))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
-    def _int8_matmul(self, xq: torch.Tensor) -> torch.Tensor:
-        """(xq @ W_q^T) * s_w in fp32 for uint8 xq: oneDNN's u8 x s8 linear on a prepacked weight (AMX/VNNI,
+    def _int8_matmul(self, xq: torch.Tensor, packed: Optional[torch.Tensor]) -> torch.Tensor:
+        """(xq @ W_q^T) * s_w in fp32 for uint8 xq: oneDNN's u8 x s8 linear on its `packed` weight (AMX/VNNI,
         the per-channel scale applied inside the kernel), else torch._int_mm (s8 x s8: xq - 128, and
         128 rowsum(W_q) added back) and a multiply."""
-        packed = _packed_weight(self)
         if packed is None:
-            y = torch._int_mm(xq.bitwise_xor(128).view(torch.int8), self.weight_int8.t()).float()
+            xs8 = xq.to(torch.int16).sub_(128).to(torch.int8)  # (not a dtype view: jit.trace cannot record one)
+            y = torch._int_mm(xs8, self.weight_int8.t()).float()
             return y.mul_(self.weight_scale).sub_(self.weight_zero_term, alpha=128.0)  # weight_zero_term: -s_w rowsum
         return _QLINEAR(xq, _ONE, _ZERO, packed, self.weight_scale.float(), _zeros(self.out_features), None,
                         1.0, 0, torch.float32, "none", [], "")
@@ -155,11 +163,12 @@ WORKSPACE_VALUES = 2**24
 _workspace = threading.local()
 
 
-def _work_buffer(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
-    """A (rows, cols) buffer of this thread's workspace, overwritten by the next call for `dtype` in this thread."""
+def _work_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (rows, cols) buffer of this thread's workspace (CPU), overwritten by the next call for `dtype` in
+    this thread; a fresh one on other devices and above WORKSPACE_VALUES."""
     n = rows * cols
-    if n > WORKSPACE_VALUES:
-        return torch.empty(rows, cols, dtype=dtype)
+    if device.type != "cpu" or n > WORKSPACE_VALUES:
+        return torch.empty(rows, cols, dtype=dtype, device=device)
     buffers = _workspace.__dict__.setdefault("buffers", {})
     buf = buffers.get(dtype)
     if buf is None or buf.numel() < n:
@@ -168,7 +177,11 @@ def _work_buffer(dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
     return buf[:n].view(rows, cols)
 
 
-def _quantized_input(x: torch.Tensor):
+def _fresh_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(rows, cols, dtype=dtype, device=device)
+
+
+def _quantized_input(x: torch.Tensor, outliers: int):
     """(uint8 tokens, scale, zero, outlier values, outlier columns) of x, reused when the same tensor
     object comes again unmodified (its version counter; tensors made under torch.inference_mode have
     none, there the object decides): query, key and value read one hidden state.
@@ -178,16 +191,22 @@ def _quantized_input(x: torch.Tensor):
     cached = getattr(_last, "entry", None)
     if cached is not None and cached[0]() is x and cached[1] == version:
         return cached[2]
-    x2 = x.detach().reshape(-1, x.shape[-1])  # no gradient flows through int8 tokens
-    # The OUTLIER_COLUMNS input channels with the largest |value| in this batch stay in floating
-    # point: in BERT's residual stream a few channels carry most of some tokens' energy
-    # ([CLS], [SEP]), and a per-token scale set by them would leave the other channels ~2 levels.
-    cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(min(OUTLIER_COLUMNS, x2.shape[1])).indices
-    outliers = x2.index_select(1, cols).float()
-    work = _work_buffer(torch.float32, *x2.shape).copy_(x2).index_fill_(1, cols, 0.0)
-    result = quantize_tokens_(work, _work_buffer(torch.uint8, *x2.shape)) + (outliers, cols)
+    result = _quantize_input(x, outliers, _work_buffer)
     _last.entry = (weakref.ref(x), version, result)
     return result
+
+
+def _quantize_input(x: torch.Tensor, outliers: int, buffer: Callable[..., torch.Tensor] = _fresh_buffer):
+    """(uint8 tokens, scale, zero, outlier values, outlier columns) of x, in buffers from
+    `buffer(rows, cols, dtype, device)` (fresh ones by default)."""
+    x2 = x.detach().reshape(-1, x.shape[-1])  # no gradient flows through int8 tokens
+    # The `outliers` (OUTLIER_COLUMNS) input channels with the largest |value| in this batch stay in
+    # floating point: in BERT's residual stream a few channels carry most of some tokens' energy
+    # ([CLS], [SEP]), and a per-token scale set by them would leave the other channels ~2 levels.
+    cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(outliers).indices
+    values = x2.index_select(1, cols).float()
+    work = buffer(*x2.shape, torch.float32, x.device).copy_(x2).index_fill_(1, cols, 0.0)
+    return quantize_tokens_(work, buffer(*x2.shape, torch.uint8, x.device)) + (values, cols)
 
 
 def quantize_rows(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
