@@ -4,6 +4,8 @@ The model calls `linear(module, x, act, residual)` instead of `module(x)`. The m
 `nn.Linear` with its parameters: quantisation, pruning, LoRA wrappers and module walkers see what
 they expect, and anything that is not a plain, hook-free `nn.Linear` (its forward not replaced) on
 a plain CPU tensor is simply called (`module(x)`), so a swapped-in module always runs its own forward.
+(Its activation and residual add then run out of place, except for a class registered with
+`returns_new_tensor`, such as quantize.QuantizedLinear, whose outputs nobody else holds.)
 
 For plain modules there are two kernels:
 - "torch":  `F.linear` then the epilogue (MKL sgemm for fp32 on x86 wheels);
