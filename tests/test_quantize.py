@@ -242,6 +242,16 @@ def test_epilogue_in_place_only_on_outputs_nobody_else_holds():
         (held, copy), = kept
         assert torch.equal(held, copy)  # the hook's tensor was not overwritten by GELU
 
+        kept.clear()  # the same with a global forward hook (module walkers, profilers register these)
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: kept.append((out, out.clone())) if m is dense else None)
+        try:
+            assert torch.equal(q(ids, types, mask)[0][-1], want)
+        finally:
+            handle.remove()
+        (held, copy), = kept
+        assert torch.equal(held, copy)
+
         returned = []
         own = dense.forward
 
