@@ -24,6 +24,10 @@ It is for inference only: no gradients flow through a `QuantizedLinear`. Save th
 quantize after loading: the copy's `save_pretrained` raises (from_pretrained would read its int8
 buffers as missing fp32 weights).
 
+Speed: made for batches (BERT-base 8x128: ~2x the fp32 model). At batch 1 the eager ops around each
+int8 GEMM dominate: 1x32 ran slower than the fp32 model under `inference.prepack` (63 vs 53 ms,
+bench/README.md); use that for latency.
+
 Memory: besides the int8 weights (and oneDNN's packed copy of them), each thread that runs a quantized
 model keeps two work buffers for the activations it quantizes (5 bytes per value of the largest
 input: 15.7 MB for BERT-base at 8x128, at most 80 MB; see WORKSPACE_VALUES), freed with the thread.
