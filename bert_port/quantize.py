@@ -25,8 +25,8 @@ quantize after loading: the copy's `save_pretrained` raises (from_pretrained wou
 buffers as missing fp32 weights).
 
 Speed: made for batches (BERT-base 8x128: ~2x the fp32 model). At batch 1 the eager ops around each
-int8 GEMM dominate: 1x32 ran slower than the fp32 model under `inference.prepack` (63 vs 53 ms,
-bench/README.md); use that for latency.
+int8 GEMM dominate: at 1x32 it is only level with the fp32 model under `inference.prepack`, and
+ONNX Runtime's int8 is 3-4x faster there (bench/README.md).
 
 Memory: besides the int8 weights (and oneDNN's packed copy of them), each thread that runs a quantized
 model keeps two work buffers for the activations it quantizes (5 bytes per value of the largest
@@ -96,13 +96,12 @@ class QuantizedLinear(nn.Module):
         # torch._int_mm, ops every compiler knows (oneDNN's packed weight and per-thread state are not).
         recording = kernels.recording_or_transformed()
         outliers = min(OUTLIER_COLUMNS, self.in_features)
-        xq, x_scale, x_zero, x_out, cols = (_quantize_input(x, outliers) if recording else _quantized_input(x, outliers))
+        xq, x_scale, lhs, cols = _quantize_input(x, outliers) if recording else _quantized_input(x, outliers)
         y = self._int8_matmul(xq, None if recording else _packed_weight(self)).mul_(x_scale)  # s_x s_w (xq @ W_q^T)
         # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (xq W_q^T - zero rowsum(W_q))
-        # + outliers W[:, cols]^T + b: the zero-point, outlier and bias terms are one thin GEMM added in place.
-        w_out = self.weight_int8.index_select(1, cols).float().mul_(self.weight_scale[:, None])
-        y.addmm_(torch.cat([x_zero * x_scale, x_out, torch.ones_like(x_scale)], 1),
-                 torch.cat([self.weight_zero_term[None], w_out.t(), self._bias()[None]], 0))
+        # + outliers W[:, cols]^T + b: the zero-point, outlier and bias terms are one thin GEMM added in place,
+        # lhs = [zero s_x, outlier values, 1] (M, 2 + k) and rhs = [-s_w rowsum(W_q); W[:, cols]^T; b].
+        y.addmm_(lhs, self._correction_rhs(cols, cache=not recording))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def _int8_matmul(self, xq: torch.Tensor, packed: Optional[torch.Tensor]) -> torch.Tensor:
@@ -116,8 +115,22 @@ class QuantizedLinear(nn.Module):
         return _QLINEAR(xq, _ONE, _ZERO, packed, self.weight_scale.float(), _zeros(self.out_features), None,
                         1.0, 0, torch.float32, "none", [], "")
 
-    def _bias(self) -> torch.Tensor:
-        return self.bias.float() if self.bias is not None else self.weight_scale.new_zeros(())
+    def _correction_rhs(self, cols: torch.Tensor, cache: bool) -> torch.Tensor:
+        """[-s_w rowsum(W_q); W[:, cols]^T dequantized; b], (2 + k, N). Kept beside the module for the last
+        `cols` (a model's outlier channels are mostly the same from call to call): gathering two columns
+        of the row-major int8 weight reads a cache line per row, ~46 us a call at batch 1 (bench/README.md)."""
+        key = None
+        if cache and cols.is_cpu:
+            key = (tuple(cols.tolist()),) + tuple((t, kernels.version(t), t.data_ptr()) for t in self.buffers())
+            entry = _rhs.get(self)
+            if entry is not None and _same_key(entry[0], key):
+                return entry[1]
+        w_out = self.weight_int8.index_select(1, cols).float().mul_(self.weight_scale[:, None])
+        bias = self.bias.float() if self.bias is not None else self.weight_scale.new_zeros(())
+        rhs = torch.cat([self.weight_zero_term[None], w_out.t(), bias[None]], 0)
+        if key is not None:
+            _rhs[self] = (key, rhs)
+        return rhs
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
@@ -136,6 +149,13 @@ _ONE, _ZERO = torch.ones(()), torch.zeros((), dtype=torch.int64)
 # module -> ((weight_int8, its kernels.version, data_ptr), oneDNN-packed weight): kept beside the module so
 # that its state_dict, deepcopy and .to() see only plain tensors.
 _packed: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()
+# module -> (key, its last correction rhs); the key: outlier columns, (buffer, version, data_ptr) of each buffer
+_rhs: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and len(a) == len(b) and all(
+        s is t and s_rest == t_rest for (s, *s_rest), (t, *t_rest) in zip(a[1:], b[1:]))
 
 
 def _packed_weight(module: "QuantizedLinear") -> Optional[torch.Tensor]:
@@ -186,7 +206,7 @@ def _fresh_buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device
 
 
 def _quantized_input(x: torch.Tensor, outliers: int):
-    """(uint8 tokens, scale, zero, outlier values, outlier columns) of x, reused when the same tensor
+    """(uint8 tokens, scale, correction lhs, outlier columns) of x, reused when the same tensor
     object comes again unmodified (its version counter; tensors made under torch.inference_mode have
     none, there the object decides): query, key and value read one hidden state.
     The uint8 tokens live in this thread's workspace, valid until the next input quantized here (the
@@ -201,7 +221,8 @@ def _quantized_input(x: torch.Tensor, outliers: int):
 
 
 def _quantize_input(x: torch.Tensor, outliers: int, buffer: Callable[..., torch.Tensor] = _fresh_buffer):
-    """(uint8 tokens, scale, zero, outlier values, outlier columns) of x, in buffers from
+    """(uint8 tokens (M, K), scale (M, 1), correction lhs [zero scale, outlier values, 1] (M, 2 + k), outlier
+    columns (k,)) of x, in buffers from
     `buffer(rows, cols, dtype, device)` (fresh ones by default)."""
     x2 = x.detach().reshape(-1, x.shape[-1])  # no gradient flows through int8 tokens
     # The `outliers` (OUTLIER_COLUMNS) input channels with the largest |value| in this batch stay in
@@ -210,7 +231,8 @@ def _quantize_input(x: torch.Tensor, outliers: int, buffer: Callable[..., torch.
     cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(outliers).indices
     values = x2.index_select(1, cols).float()
     work = buffer(*x2.shape, torch.float32, x.device).copy_(x2).index_fill_(1, cols, 0.0)
-    return quantize_tokens_(work, buffer(*x2.shape, torch.uint8, x.device)) + (values, cols)
+    q, scale, zero = quantize_tokens_(work, buffer(*x2.shape, torch.uint8, x.device))
+    return q, scale, torch.cat([zero * scale, values, torch.ones_like(scale)], 1), cols
 
 
 def quantize_rows(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ The reference is the fp32 model itself (independent of the int8 code); the accur
 issue 19's: mean-pooled sentence embeddings at cosine >= 0.99 to fp32 for every sentence of a varied
 set, pairwise sentence similarities moved by <= 0.02.
 """
+import copy
 import inspect
 import warnings
 
@@ -306,3 +307,41 @@ def test_torch_compile_runs_the_int8_model(backend):
     int8_error = (want - fp32).abs().max()
     assert (got - want).abs().median() <= 1e-5
     assert 0 < (got - fp32).abs().max() <= 1.5 * int8_error
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "bias in place", "new weight tensor"])
+def test_changed_weights_are_seen_by_the_next_call(change):
+    """What each QuantizedLinear keeps beside itself between calls (oneDNN's packed weight, the last
+    correction terms) follows its buffers: changed in place, loaded, or replaced, the next call uses
+    the new values (compared with a model quantized from the changed weights)."""
+    model, other = small(), small()
+    scale_weights_(other, std=0.1, seed=7)
+    q, want_model = bp.quantize_int8(model), bp.quantize_int8(other)
+    inputs = _unpadded_inputs(2, 20, seed=1)
+    dense = q.encoder.layer[1].output.dense
+    with torch.no_grad():
+        q(*inputs)  # fills what is kept
+        if change == "load_state_dict":
+            q.load_state_dict(want_model.state_dict())
+        elif change == "bias in place":
+            dense.bias.add_(1.0)
+            want_model = copy.deepcopy(q)  # a new module: nothing kept beside it yet
+        else:
+            dense.weight_int8 = want_model.encoder.layer[1].output.dense.weight_int8.clone()
+            want_model = copy.deepcopy(q)
+        want = want_model(*inputs)[0][-1]
+        assert torch.equal(q(*inputs)[0][-1], want)
+
+
+def test_outlier_columns_that_move_between_calls():
+    """The correction terms kept from the last call serve only the same outlier columns: an input whose
+    large channels are elsewhere gets its own (the same result as a linear that never ran)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    first, second = torch.randn(8, 256), torch.randn(8, 256)
+    first[:, 17] *= 100
+    second[:, 40] *= 100
+    q, fresh = QuantizedLinear.from_float(lin), QuantizedLinear.from_float(lin)
+    with torch.no_grad():
+        q(first)
+        assert torch.equal(q(second), fresh(second))
