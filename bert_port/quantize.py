@@ -222,8 +222,7 @@ def _quantized_input(x: torch.Tensor, outliers: int):
 
 def _quantize_input(x: torch.Tensor, outliers: int, buffer: Callable[..., torch.Tensor] = _fresh_buffer):
     """(uint8 tokens (M, K), scale (M, 1), correction lhs [zero scale, outlier values, 1] (M, 2 + k), outlier
-    columns (k,)) of x, in buffers from
-    `buffer(rows, cols, dtype, device)` (fresh ones by default)."""
+    columns (k,)) of x, in buffers from `buffer(rows, cols, dtype, device)` (fresh ones by default)."""
     x2 = x.detach().reshape(-1, x.shape[-1])  # no gradient flows through int8 tokens
     # The `outliers` (OUTLIER_COLUMNS) input channels with the largest |value| in this batch stay in
     # floating point: in BERT's residual stream a few channels carry most of some tokens' energy
