@@ -28,8 +28,8 @@ Speed: made for batches (BERT-base 8x128: ~2x the fp32 model). At batch 1 the ea
 int8 GEMM dominate: at 1x32 it is only level with the fp32 model under `inference.prepack`, and
 ONNX Runtime's int8 is 3-4x faster there (bench/README.md).
 
-Memory: besides the int8 weights (and oneDNN's packed copy of them), each thread that runs a quantized
-model keeps two work buffers for the activations it quantizes (5 bytes per value of the largest
+Memory: besides the int8 weights (oneDNN's packed copy of them, and each linear's last correction terms:
+4 x out_features floats, 1.3 MB for BERT-base), each thread that runs a quantized model keeps two work buffers for the activations it quantizes (5 bytes per value of the largest
 input: 15.7 MB for BERT-base at 8x128, at most 80 MB; see WORKSPACE_VALUES), freed with the thread.
 
 Export: a quantized model does not export to ONNX (ONNX has no per-token dynamic int8 matmul that
