@@ -29,8 +29,9 @@ int8 GEMM dominate: at 1x32 it is only level with the fp32 model under `inferenc
 ONNX Runtime's int8 is 3-4x faster there (bench/README.md).
 
 Memory: besides the int8 weights (oneDNN's packed copy of them, and each linear's last correction terms:
-4 x out_features floats, 1.3 MB for BERT-base), each thread that runs a quantized model keeps two work buffers for the activations it quantizes (5 bytes per value of the largest
-input: 15.7 MB for BERT-base at 8x128, at most 80 MB; see WORKSPACE_VALUES), freed with the thread.
+4 x out_features floats, 1.3 MB for BERT-base), each thread that runs a quantized model keeps two work
+buffers for the activations it quantizes (5 bytes per value of the largest input: 15.7 MB for
+BERT-base at 8x128, at most 80 MB; see WORKSPACE_VALUES), freed with the thread.
 
 Export: a quantized model does not export to ONNX (ONNX has no per-token dynamic int8 matmul that
 ONNX Runtime runs fast); `torch.onnx.export` raises a RuntimeError saying so. To deploy int8 on
