@@ -148,23 +148,11 @@ def test_under_torch_inference_mode():
 
 
 def _in_fresh_thread(fn):
-    """fn() in a new thread (a new per-thread workspace), its result or its exception here."""
-    import threading
+    """fn() in a new thread (a new per-thread workspace); its result, or its exception raised here."""
+    import concurrent.futures
 
-    box = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # re-raised in the test's thread
-            box["error"] = e
-
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
 
 
 def test_workspace_made_under_inference_mode_serves_every_mode():
