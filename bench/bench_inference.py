@@ -164,7 +164,8 @@ def case_single(b: Bench) -> None:
     finally:
         del b.fns["ours prepacked"]
     from bert_port import kernels
-    chosen = [f"{k[1]}→{k[2]} {k[3]} ({2 ** (k[4] - 1)}+ rows): {v}" for k, v in kernels.choices().items() if k[6]]
+    chosen = [f"{k[1]}→{k[2]} {k[3]} ({2 ** (k[4] - 1)}+ rows): {v + ' (' + k[6] + ')' if v == 'packed' else v}"
+              for k, v in kernels.choices().items() if k[6]]
     b.notes.append("prepack's kernel per GEMM (bert_port.kernels.choices()): " + "; ".join(chosen))
 
 

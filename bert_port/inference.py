@@ -2,14 +2,17 @@
 
 Why: at batch 1 (1x32 .. 1x128 tokens) a BERT forward reads every weight once for a few dozen rows,
 and F.linear re-lays each weight out for the GEMM on every call: at 1x32 that re-layout costs about
-as much as the arithmetic. `prepack` packs each fp32 `nn.Linear` weight once with MKL's packed sgemm
-(as ONNX Runtime prepacks its weights when a session opens); calls then run the GEMMs on the packed
-copies. Same fp32 arithmetic: outputs within a few 1e-6 of the plain model. And each stock BertLayer
+as much as the arithmetic. `prepack` packs each fp32 `nn.Linear` weight once (as ONNX Runtime
+prepacks its weights when a session opens), with MKL's packed sgemm or oneDNN's reordered layout,
+whichever runs the weight's shape faster on this machine (measured: bert_port.kernels.packing_for;
+MKL's is 2x slower than oneDNN's on AMD Zen 4 and 7 % faster on an AMX Xeon); calls then run the GEMMs
+on the packed copies. Same fp32 arithmetic: outputs within a few 1e-6 of the plain model. And each stock BertLayer
 runs as straight-line code (`PackedLayer`: the module path's ops without its per-module and per-linear
 Python, checked once per call), the same numbers bit for bit: between GEMMs that stream the weights
 through the caches that Python costs several times its warm-cache time. Measured on BERT-base, 2
-threads, AMX Xeon (bench/bench_inference.py, case single; bench/README.md): 1x32 ~20-25 % and 1x128
-~15-20 % faster than the plain model (PackedLayer's part: ~5 % at 1x32); 8x128 is unchanged.
+threads (bench/bench_inference.py, case single; bench/README.md): 1x32 ~20-25 % and 1x128 ~15-20 %
+faster than the plain model on an AMX Xeon (PackedLayer's part: ~5 % at 1x32), 1x32 ~30 % and 1x128
+~12 % on a Zen 4; 8x128 is unchanged.
 
 What it costs, said plainly:
 - memory: one packed copy of every linear weight, held by the returned object (`del fast` frees
@@ -19,15 +22,17 @@ What it costs, said plainly:
   through `.data` cannot be seen: call `fast.repack()` after one. A layer's modules, hooks, modes and
   weights are checked when a call starts (a hook that changes them in the middle of a call is seen
   by the next one);
-- a warm-up: the first call in each row-count bucket (16-31, 32-63, 64-127, ... tokens in the batch)
-  measures the candidate kernels once (bert_port.kernels): +0.13-0.16 s for BERT-base on 2 cores. A
-  service warms up with one call per length bucket it expects;
+- a warm-up: choosing the packing measures each weight shape once per process (+0.26 s for
+  BERT-base's four shapes, in the first `prepack`), and the first call in each row-count bucket
+  (16-31, 32-63, 64-127, ... tokens in the batch) measures the candidate kernels once
+  (bert_port.kernels): +0.13-0.16 s for BERT-base on 2 cores. A service warms up with one call per
+  length bucket it expects;
 - inference only: `prepack` puts the model in eval mode and calls run under `torch.no_grad()`; the
   model is otherwise not changed (its modules stay `nn.Linear`, its parameters stay in place, calling
   `model(...)` directly runs the plain path);
-- torch builds without MKL (e.g. ARM) run the plain path, and every packed kernel is checked against
-  F.linear on its first call of each shape (bert_port.kernels), so nothing depends on MKL packing
-  working for every row count.
+- torch builds with neither MKL nor oneDNN run the plain path, and every packed kernel is checked
+  against F.linear on its first call of each shape (bert_port.kernels), so nothing depends on a
+  packing working for every row count.
 """
 from __future__ import annotations
 

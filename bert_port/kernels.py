@@ -13,19 +13,23 @@ For plain modules there are two kernels:
   the matmul at inference. On some x86 CPUs oneDNN's fp32 GEMMs run twice as fast as MKL's; on
   others they are equal, and oneDNN bf16 needs AVX-512 (elsewhere it cannot build a primitive).
 
-- "packed": MKL's sgemm on a weight packed once ahead of time (`cblas_sgemm_pack`), fp32 inference
-  only, and only inside `using_packed(...)` (`bert_port.inference.prepack` sets it up): the packed
-  copy costs as much memory as the weight, so nobody pays for it without asking. At batch 1 the
-  per-call re-layout of the weight is as costly as the matmul itself; packed once, 1x32 runs ~20 %
-  faster on BERT-base. Activation and residual run after it. The same table can hold a whole
-  BertLayer's straight-line forward (`packed_forward`, `inference.PackedLayer`).
+- "packed": a GEMM on a weight packed once ahead of time, fp32 inference only, and only inside
+  `using_packed(...)` (`bert_port.inference.prepack` sets it up): the packed copy costs as much
+  memory as the weight, so nobody pays for it without asking. At batch 1 the per-call re-layout of
+  the weight is as costly as the matmul itself; packed once, 1x32 runs ~20 % faster on BERT-base.
+  Two packings exist, and which one runs a weight shape is measured too (`packing_for`): MKL's
+  packed sgemm (`cblas_sgemm_pack`; 7 % faster than oneDNN's on an AMX Xeon) and oneDNN's reordered
+  weight (2x faster than MKL's on an AMD Zen 4, where MKL's packed GEMM is slower than F.linear).
+  The same table can hold a whole BertLayer's straight-line forward (`packed_forward`,
+  `inference.PackedLayer`).
 
 So nothing is assumed: the first call of each (dtype, in, out, epilogue, rows bucket, autograd,
 packed) runs every candidate kernel, checks that they agree and times them on weights that are not
 in the caches (as in a forward); another kernel than the default (F.linear; the packed one where
 `prepack` packed the weight) is kept only if it is measurably faster (5 % in fp32; in bf16 a tie
 goes to the fused oneDNN call, see MARGIN). Set `BERT_PORT_LINEAR=torch`
-(or `onednn`, `packed`) to force a choice; `choices()` shows what was decided.
+(or `onednn`, `packed`) to force a choice, `BERT_PORT_PACKING=mkl` (or `onednn`) to force a packing;
+`choices()` shows what was decided.
 Tracing, scripting, ONNX export, torch.compile / torch.export and tensor subclasses always get
 "torch", the kernel every exporter knows.
 """
@@ -63,19 +67,24 @@ MARGIN = {torch.float32: 0.95, torch.bfloat16: 1.05}
 # Weight copies a kernel measurement cycles through, so that each timed call reads cold weights (_decide_linear).
 COLD_BYTES = 32 * 2**20
 
-Key = Tuple[torch.dtype, int, int, str, int, bool, bool]
+Key = Tuple[torch.dtype, int, int, str, int, bool, str]
 _choices: Dict[Key, str] = {}
 # The packing's row count: MKL lays the weight out for GEMMs of about this many rows, and the packed
 # copy then serves any row count (checked against F.linear on the first call of each key). Packing for
 # 128 rows measured fastest from 1x32 to 8x128 rows; packing for 16 is ~20 % slower at >= 32 rows.
+# (oneDNN takes it as a hint; its layout for fp32 was the same for 1, 32 and 128 rows.)
 PACK_ROWS = 128
+# (in_features, out_features, threads) -> the packing chosen for weights of that shape (packing_for)
+_packings: Dict[Tuple[int, int, int], str] = {}
 
 
 @dataclass(frozen=True)
 class PackedWeight:
     """The weight of one nn.Linear, or of several with the same input side by side (one GEMM), packed
-    by MKL; with their bias (side by side too) and the tensors it was built from."""
+    by MKL or reordered by oneDNN (`kind`); with their bias (side by side too) and the tensors it was
+    built from."""
 
+    kind: str  # "mkl" or "onednn"
     data: torch.Tensor
     bias: Optional[torch.Tensor]
     shape: torch.Tensor  # (out, in) without storage: the op reads the original weight's shape only
@@ -83,17 +92,17 @@ class PackedWeight:
     sources: Tuple[Tuple[torch.Tensor, int, int], ...]  # (tensor, version(tensor), data_ptr) of every weight and bias
 
     @classmethod
-    def of(cls, *modules: nn.Linear) -> "PackedWeight":
+    def of(cls, *modules: nn.Linear, kind: Optional[str] = None) -> "PackedWeight":
+        """Pack the modules' weights with `kind`, or with the packing measured fastest here for their shape."""
         if len({m.bias is None for m in modules}) != 1:
             raise ValueError("linears packed as one GEMM need a bias on every one of them or on none")
         w = torch.cat([m.weight.detach() for m in modules]) if len(modules) > 1 else modules[0].weight.detach()
         biases = [m.bias.detach() for m in modules if m.bias is not None]
         bias = (torch.cat(biases) if len(biases) > 1 else biases[0]) if biases else None
-        # The packed buffer must stay where MKL wrote it (MKL's rule), so it is never copied or saved.
-        data = torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS)
+        kind = kind or packing_for(w)
         sources = tuple((t, version(t), t.data_ptr()) for m in modules for t in (m.weight, m.bias) if t is not None)
-        return cls(data, bias, torch.zeros((), dtype=w.dtype).expand(w.shape), tuple(m.out_features for m in modules),
-                   sources)
+        return cls(kind, _pack(w, kind), bias, torch.zeros((), dtype=w.dtype).expand(w.shape),
+                   tuple(m.out_features for m in modules), sources)
 
     def fits(self, modules: Sequence[nn.Module]) -> bool:
         """Built from these modules' weights and biases as they are now: the same tensors, not changed in
@@ -121,9 +130,49 @@ PackedTable = MutableMapping[Union[nn.Module, Tuple[nn.Module, ...]], PackedWeig
 _packed: contextvars.ContextVar[Optional[PackedTable]] = contextvars.ContextVar("bert_port_packed", default=None)
 
 
+def packings() -> Tuple[str, ...]:
+    """The weight packings this torch build has: "mkl" (MKL's packed sgemm: x86 builds with MKL) and
+    "onednn" (oneDNN's reordered weight: builds with oneDNN)."""
+    mkl = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    onednn = _ONEDNN_OP is not None and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return ("mkl",) * mkl + ("onednn",) * onednn
+
+
 def can_pack() -> bool:
-    """Does this torch build have MKL's packed sgemm (x86 builds with MKL)?"""
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    """Can this torch build pack weights at all?"""
+    return bool(packings())
+
+
+def _pack(w: torch.Tensor, kind: str) -> torch.Tensor:
+    # The packed buffer must stay where MKL or oneDNN wrote it, so it is never copied or saved.
+    if kind == "mkl":
+        return torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS)
+    return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+
+
+def packing_for(w: torch.Tensor) -> str:
+    """The packing for fp32 weights of w's shape on this machine, measured on the first weight of each
+    shape (and thread count): one GEMM at 32 and one at 128 rows per packing, on copies of w cycled so
+    that each call reads cold weights; MKL's is kept unless oneDNN's is 5 % faster.
+    `BERT_PORT_PACKING=mkl|onednn` forces one (where this build has it)."""
+    kinds = packings()
+    forced = os.environ.get("BERT_PORT_PACKING", "auto").strip().lower()
+    if forced not in ("auto", "mkl", "onednn"):
+        raise ValueError(f"BERT_PORT_PACKING={forced!r}: use auto, mkl or onednn")
+    if forced in kinds or len(kinds) == 1:
+        return forced if forced in kinds else kinds[0]
+    key = (w.shape[1], w.shape[0], torch.get_num_threads())
+    if key not in _packings:
+        copies = max(1, min(16, COLD_BYTES // (w.numel() * w.element_size() or 1)))
+        xs = [torch.ones(rows, w.shape[1]) for rows in (32, 128)]
+        turn = itertools.count()
+
+        def gemms(kind):
+            packed = [PackedWeight(kind, _pack(w, kind), None, torch.zeros(()).expand(w.shape), (w.shape[0],), ())
+                      for _ in range(copies)]
+            return kind, lambda: [run_packed(packed[next(turn) % copies], x, None, None) for x in xs]
+        _packings[key] = _fastest([gemms(kind) for kind in kinds], "mkl", MARGIN[torch.float32])
+    return _packings[key]
 
 
 @contextlib.contextmanager
@@ -170,13 +219,15 @@ _IN_PLACE: Dict[Callable, Callable] = {gelu: torch.ops.aten.gelu_, F.relu: torch
 
 
 def choices() -> Dict[Key, str]:
-    """What was decided so far: (dtype, in_features, out_features, epilogue, rows bucket, autograd, packed) -> kernel."""
+    """What was decided so far: (dtype, in_features, out_features, epilogue, rows bucket, autograd,
+    packing: "mkl", "onednn" or "" where not packed) -> kernel."""
     return dict(_choices)
 
 
 def reset() -> None:
-    """Forget the decisions (e.g. after changing the thread count)."""
+    """Forget the decisions, kernels and packings (e.g. after changing the thread count)."""
     _choices.clear()
+    _packings.clear()
 
 
 def linear(module: nn.Module, x: torch.Tensor, act: Optional[Callable] = None,
@@ -187,7 +238,7 @@ def linear(module: nn.Module, x: torch.Tensor, act: Optional[Callable] = None,
         rows = x.numel() // x.shape[-1]
         grad = packed is None and _needs_grad(module, x, residual)
         key = (x.dtype, module.in_features, module.out_features, epilogue(act, residual), rows.bit_length(),
-               grad, packed is not None)
+               grad, "" if packed is None else packed.kind)
         choice = _choices.get(key) or _decide_linear(key, module, x, act, residual, rows, packed)
         if choice == "packed":
             return run_packed(packed, x, act, residual)
@@ -226,7 +277,7 @@ def linears(modules: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor
     packed = _packed_for(group, group, x, None)
     if packed is not None:
         rows = x.numel() // x.shape[-1]
-        key = (x.dtype, x.shape[-1], packed.shape.shape[0], f"group/{len(group)}", rows.bit_length(), False, True)
+        key = (x.dtype, x.shape[-1], packed.shape.shape[0], f"group/{len(group)}", rows.bit_length(), False, packed.kind)
         if (_choices.get(key) or _decide(key, rows, lambda: torch.cat([linear_reference(m, x) for m in group], -1),
                                          {"packed": lambda: run_packed(packed, x, None, None)})) == "packed":
             return run_packed(packed, x, None, None).split(packed.splits, -1)
@@ -273,7 +324,7 @@ def current(table: PackedTable, key, modules: Tuple[nn.Module, ...]) -> Optional
 def packed_chosen(entry: PackedWeight, epilogue: str, rows: int) -> bool:
     """Was the packed kernel chosen for this weight's GEMM (fp32, no autograd) with this epilogue
     (`epilogue(...)`; "group/N" for N linears packed as one) at this many rows?"""
-    key = (torch.float32, entry.shape.shape[1], entry.shape.shape[0], epilogue, rows.bit_length(), False, True)
+    key = (torch.float32, entry.shape.shape[1], entry.shape.shape[0], epilogue, rows.bit_length(), False, entry.kind)
     return _choices.get(key) == "packed"
 
 
@@ -343,7 +394,7 @@ def _decide_linear(key: Key, module, x, act, residual, rows: int, packed: Option
     candidates = {} if _ONEDNN_OP is None else {"onednn": run(_onednn)}
     if packed is not None:
         for probe in probes:
-            probe.packed = PackedWeight.of(probe)
+            probe.packed = PackedWeight.of(probe, kind=packed.kind)
         candidates["packed"] = run(lambda m, xs, a, r: run_packed(m.packed, xs, a, r))
     return _decide(key, rows, run(linear_reference if grad else _torch_linear), candidates)
 
@@ -431,18 +482,25 @@ def _onednn(module: nn.Linear, x: torch.Tensor, act=None, residual=None) -> torc
         y = _OneDnnLinear.apply(x2.contiguous(), w, b).view(*x.shape[:-1], -1)
         y = y if act is None else act(y)
         return y if residual is None else y + residual
-    if residual is not None and act is None:  # the residual add fused into the matmul
+    return _onednn_inference(x, w, b, act, residual)
+
+
+def _onednn_inference(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act, residual) -> torch.Tensor:
+    """oneDNN's linear (w: the weight, or oneDNN's reordered copy), GELU/ReLU or the residual add fused into it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if act is None and residual is not None and residual.shape == (*x.shape[:-1], w.shape[0]):
+        # the residual add fused into the matmul (one that broadcasts the output larger is added after it)
         y = _ONEDNN_OP.binary(x2, residual.reshape(x2.shape[0], -1).contiguous(), w, b, "add")
         return y.view(*x.shape[:-1], -1)
     post_op, algorithm = _FUSABLE.get(act, ("none", "")) if act is not None else ("none", "")
     y = _ONEDNN_OP(x2, w, b, post_op, [], algorithm).view(*x.shape[:-1], -1)
-    if act is not None and act not in _FUSABLE:
-        y = act(y)
-    return y if residual is None else y + residual
+    return _epilogue_in_place(y, None if act in _FUSABLE else act, residual)
 
 
 def run_packed(packed: PackedWeight, x: torch.Tensor, act, residual) -> torch.Tensor:
-    """MKL's GEMM on the packed weight (and its bias), then the activation and the residual add, in place."""
+    """The GEMM on the packed weight (and its bias), with the activation and the residual add."""
+    if packed.kind == "onednn":
+        return _onednn_inference(x, packed.data, packed.bias, act, residual)
     # (..., in) -> (..., out): the op flattens the leading dimensions itself. Its last argument is the row
     # count it checks against: given the actual one, every row count runs on the packed copy.
     return _epilogue_in_place(_MKL_LINEAR(x, packed.data, packed.shape, packed.bias, x.numel() // x.shape[-1]),
@@ -483,5 +541,5 @@ _ONEDNN_OP = _find_onednn_op()
 _LINEAR_FORWARD = nn.Linear.forward
 # torch's registries of global forward (pre-)hooks, dicts changed in place: any entry means module(x) must run.
 _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
-_MKL_LINEAR = torch.ops.mkl._mkl_linear.default if can_pack() else None
+_MKL_LINEAR = torch.ops.mkl._mkl_linear.default if "mkl" in packings() else None
 _NEW_TENSOR_FORWARDS: Dict[type, Callable] = {}  # see returns_new_tensor

@@ -1,7 +1,9 @@
-"""`bert_port.inference.prepack`: linears on weights packed once (MKL packed sgemm), for batch-1 latency.
+"""`bert_port.inference.prepack`: linears on weights packed once, for batch-1 latency.
 
-References are independent of the packed path: pytorch_pretrained_bert 0.6.2 on the same weights,
-and the same model on the plain F.linear path (BERT_PORT_LINEAR=torch).
+Every test runs once per packing this torch build has (MKL's packed sgemm, oneDNN's reordered
+weights; BERT_PORT_PACKING), whichever this machine would choose. References are independent of the
+packed path: pytorch_pretrained_bert 0.6.2 on the same weights, and the same model on the plain
+F.linear path (BERT_PORT_LINEAR=torch).
 """
 import copy
 
@@ -18,7 +20,7 @@ from tests.conftest import TINY, make_inputs, scale_weights_
 
 # Wide enough that every GEMM has >= MIN_ROWS rows and real work; 3 layers, so weights differ per layer.
 CFG = dict(TINY, hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=3)
-needs_mkl = pytest.mark.skipif(not kernels.can_pack(), reason="this torch build has no MKL packed sgemm")
+needs_packing = pytest.mark.skipif(not kernels.can_pack(), reason="this torch build cannot pack weights")
 
 
 def model(head=bp.BertModel, *args):
@@ -32,9 +34,10 @@ def packed_choices():
     return {k: v for k, v in kernels.choices().items() if k[-1]}
 
 
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
+@pytest.fixture(autouse=True, params=kernels.packings() or ["auto"])
+def fresh_choices(monkeypatch, request):
     monkeypatch.delenv("BERT_PORT_LINEAR", raising=False)
+    monkeypatch.setenv("BERT_PORT_PACKING", request.param)
     kernels.reset()
     yield
     kernels.reset()
@@ -51,7 +54,7 @@ def plain(m, *args, monkeypatch, **kwargs):
     return out
 
 
-@needs_mkl
+@needs_packing
 @pytest.mark.parametrize("batch,seq_len", [(1, 32), (1, 48), (1, 5), (3, 40)])
 def test_matches_pytorch_pretrained_bert(batch, seq_len):
     """Every layer and the pooled output, padding included, within 1e-5 of ppb on the same weights;
@@ -75,7 +78,7 @@ def test_matches_pytorch_pretrained_bert(batch, seq_len):
         assert any(k[3] == "group/3" and v == "packed" for k, v in chosen.items()), chosen  # query, key, value
 
 
-@needs_mkl
+@needs_packing
 def test_heads_and_jagged_input(monkeypatch):
     tagger = model(bp.BertForTokenClassification, 5)
     ids, types, mask = make_inputs(batch=2, seq_len=30, vocab=CFG["vocab_size_or_config_json_file"])
@@ -90,7 +93,7 @@ def test_heads_and_jagged_input(monkeypatch):
         assert (out - ref).abs().max() <= 1e-5
 
 
-@needs_mkl
+@needs_packing
 def test_the_model_is_left_as_it_was(monkeypatch):
     m = model()
     state = {k: v.clone() for k, v in m.state_dict().items()}
@@ -107,7 +110,7 @@ def test_the_model_is_left_as_it_was(monkeypatch):
     assert (plain(twin, ids, monkeypatch=monkeypatch)[1] - fast(ids)[1]).abs().max() <= 1e-5
 
 
-@needs_mkl
+@needs_packing
 def test_weights_changed_in_place_are_packed_again_and_repack_sees_data_writes(monkeypatch):
     monkeypatch.setenv("BERT_PORT_LINEAR", "packed")  # every GEMM on the packed copies, whatever is faster here
     m, other = model(), model()
@@ -137,7 +140,7 @@ def test_weights_changed_in_place_are_packed_again_and_repack_sees_data_writes(m
     assert (fast(ids)[1] - plain(m, ids, monkeypatch=monkeypatch)[1]).abs().max() <= 1e-5
 
 
-@needs_mkl
+@needs_packing
 def test_an_input_of_the_wrong_width_fails_as_on_the_plain_path(monkeypatch):
     """The packed op would read past a too-narrow input: the width is checked before it runs."""
     monkeypatch.setenv("BERT_PORT_LINEAR", "packed")
@@ -151,7 +154,7 @@ def test_an_input_of_the_wrong_width_fails_as_on_the_plain_path(monkeypatch):
             kernels.linear(dense, torch.ones(32, dense.in_features - 1))
 
 
-@needs_mkl
+@needs_packing
 def test_a_packed_kernel_that_disagrees_is_not_used(monkeypatch):
     m = model()
     ids = torch.randint(1, 99, (1, 32))
@@ -171,7 +174,7 @@ def test_without_mkl_packing_the_plain_path_runs(monkeypatch):
     assert fast.packed == {} and (fast(ids)[1] - want).abs().max() <= 1e-5
 
 
-@needs_mkl
+@needs_packing
 @pytest.mark.parametrize("forced", ["torch", "packed"])
 def test_forced_choice(monkeypatch, forced):
     monkeypatch.setenv("BERT_PORT_LINEAR", forced)
@@ -179,7 +182,7 @@ def test_forced_choice(monkeypatch, forced):
     assert set(packed_choices().values()) == {forced}
 
 
-@needs_mkl
+@needs_packing
 def test_bf16_models_and_grad_stay_on_their_own_path():
     m = model()
     fast = prepack(m)
@@ -189,7 +192,7 @@ def test_bf16_models_and_grad_stay_on_their_own_path():
     assert out.dtype == torch.bfloat16 and not packed_choices()
 
 
-@needs_mkl
+@needs_packing
 def test_weights_moved_off_the_cpu_are_not_packed_again():
     """The per-call layer checks see a model moved to another device (here "meta": no GPU needed)
     and leave it to the module path instead of handing MKL a tensor it cannot pack."""
@@ -201,7 +204,7 @@ def test_weights_moved_off_the_cpu_are_not_packed_again():
     assert not any(isinstance(v, inference.PackedLayer) for v in table.values())
 
 
-@needs_mkl
+@needs_packing
 def test_hooks_still_run_under_prepack(monkeypatch):
     """A forward hook on one of query/key/value takes that group off the packed GEMM: the hook runs
     and what it returns is used, as on the plain path."""
@@ -220,7 +223,7 @@ def test_hooks_still_run_under_prepack(monkeypatch):
     assert calls and (got - want).abs().max() <= 1e-5
 
 
-@needs_mkl
+@needs_packing
 def test_a_global_forward_hook_sees_every_linear_under_prepack():
     """torch's global hooks (register_module_forward_hook) take the packed path off: they run for every linear."""
     m = model()
@@ -246,7 +249,7 @@ def _module_path_off(monkeypatch):
     monkeypatch.setattr(kernels, "linears", refuse)
 
 
-@needs_mkl
+@needs_packing
 @pytest.mark.parametrize("padded", [False, True])
 def test_packed_layers_give_the_module_paths_numbers_bit_for_bit(monkeypatch, padded):
     """prepack runs each stock BertLayer as straight-line code (inference.PackedLayer): the same ops on
@@ -267,7 +270,7 @@ def test_packed_layers_give_the_module_paths_numbers_bit_for_bit(monkeypatch, pa
     assert all(torch.equal(a, b) for a, b in zip(layers, want)) and torch.equal(pooled, want_pooled)
 
 
-@needs_mkl
+@needs_packing
 @pytest.mark.parametrize("change", ["layernorm hook", "linear swapped", "a submodule in train mode", "act changed",
                                     "forward replaced on an instance", "forward replaced on the class",
                                     "transpose_for_scores replaced on the class"])
@@ -322,7 +325,7 @@ def _fail():
     raise AssertionError("a layer that could run packed ran its modules")
 
 
-@needs_mkl
+@needs_packing
 def test_torch_inference_mode_first_call_and_model_built_under_it(monkeypatch):
     """Tensors made under torch.inference_mode have no version counter: neither the kernel measurement
     of a first call under it nor a model built under it may read one."""

@@ -110,10 +110,57 @@ def test_where_prepack_packed_the_weight_a_tie_keeps_the_packed_kernel(monkeypat
     def sleeper(ms):
         return lambda: time.sleep(ms / 1e3) or y
 
-    key = (torch.float32, 8, 8, "none", 6, False, True)
+    key = (torch.float32, 8, 8, "none", 6, False, "mkl")
     for torch_ms, chosen in ((19.6, "packed"), (18, "torch")):
         assert kernels._decide(key, 32, sleeper(torch_ms), {"packed": sleeper(20)}) == chosen, torch_ms
     assert kernels._decide(key, 32, sleeper(19.6), {"onednn": sleeper(20)}) == "torch"
+    kernels.reset()
+
+
+@pytest.mark.parametrize("kind", kernels.packings())
+@pytest.mark.parametrize("act", [None, kernels.gelu, kernels.gelu_tanh, F.relu, torch.tanh])
+@pytest.mark.parametrize("residual", [None, "same", "broadcast"])
+def test_each_packing_gives_the_plain_linear_result(kind, act, residual):
+    """A packed weight of either kind, every activation (fused into oneDNN's GEMM or not) and residual
+    (fused, or broadcast to a larger shape), rows from 1 to 96: F.linear's result within 1e-5."""
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 80).eval()
+    packed = kernels.PackedWeight.of(lin, kind=kind)
+    assert packed.kind == kind
+    for shape in [(1, 48), (5, 48), (2, 16, 48), (3, 32, 48)]:
+        x = torch.randn(shape)
+        r = None if residual is None else torch.randn(*((4,) if residual == "broadcast" else ()), *shape[:-1], 80)
+        with torch.no_grad():
+            want = kernels.linear_reference(lin, x, act, r)
+            got = kernels.run_packed(packed, x, act, r)
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5, (kind, shape)
+
+
+def test_the_packing_is_measured_once_per_shape_or_forced(monkeypatch):
+    """packing_for: a packing this build has, decided once per (shape, threads) and forgotten by reset();
+    BERT_PORT_PACKING forces one; a value that is not a packing is an error naming the variable."""
+    monkeypatch.delenv("BERT_PORT_PACKING", raising=False)
+    kernels.reset()
+    if not kernels.can_pack():
+        pytest.skip("this torch build cannot pack weights")
+    w = torch.randn(96, 64)
+    timed = []
+    real = kernels._fastest
+    monkeypatch.setattr(kernels, "_fastest", lambda *a, **k: timed.append(a[0]) or real(*a, **k))
+    chosen = kernels.packing_for(w)
+    assert chosen in kernels.packings() and kernels.packing_for(w.clone()) == chosen
+    assert len(timed) == (len(kernels.packings()) > 1)  # measured once, only where there is a choice
+    if timed:
+        assert [name for name, _ in timed[0]] == list(kernels.packings())
+    for kind in kernels.packings():
+        monkeypatch.setenv("BERT_PORT_PACKING", kind)
+        assert kernels.packing_for(w) == kind and kernels.PackedWeight.of(nn.Linear(64, 96)).kind == kind
+    monkeypatch.setenv("BERT_PORT_PACKING", "fast")
+    with pytest.raises(ValueError, match="BERT_PORT_PACKING"):
+        kernels.packing_for(w)
+    monkeypatch.delenv("BERT_PORT_PACKING")
+    kernels.reset()
+    assert kernels.packing_for(w) in kernels.packings() and len(timed) == 2 * (len(kernels.packings()) > 1)
     kernels.reset()
 
 
@@ -146,7 +193,7 @@ def test_in_place_activations_compute_their_functions():
         assert torch.equal(in_place(x.clone()), act(x)), act.__name__
 
 
-@pytest.mark.parametrize("choice", ["torch", "auto"])
+@pytest.mark.parametrize("choice", ["torch", "onednn", "auto"])
 def test_a_residual_broadcasts_as_in_the_plain_sum(forced, choice):
     """linear(m, x, residual=r) is F.linear(x) + r, also when r broadcasts the output to a larger shape."""
     forced(choice)
