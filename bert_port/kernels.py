@@ -163,7 +163,7 @@ def packing_for(w: torch.Tensor) -> str:
         return forced if forced in kinds else kinds[0]
     key = (w.shape[1], w.shape[0], torch.get_num_threads())
     if key not in _packings:
-        copies = max(1, min(16, COLD_BYTES // (w.numel() * w.element_size() or 1)))
+        copies = _cold_copies(w)
         xs = [torch.ones(rows, w.shape[1]) for rows in (32, 128)]
         turn = itertools.count()
 
@@ -375,7 +375,7 @@ def _decide_linear(key: Key, module, x, act, residual, rows: int, packed: Option
     # Detached copies: measuring must not touch the module's .grad, the caller's autograd graph,
     # or the global random stream (building an nn.Linear would draw its init from it).
     w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
-    copies = max(1, min(16, COLD_BYTES // (w.numel() * w.element_size() or 1)))
+    copies = _cold_copies(w)
     probes = [SimpleNamespace(weight=w.clone().requires_grad_(grad), out_features=w.shape[0],
                               bias=None if b is None else b.clone().requires_grad_(grad)) for _ in range(copies)]
     turn = itertools.count()
@@ -397,6 +397,11 @@ def _decide_linear(key: Key, module, x, act, residual, rows: int, packed: Option
             probe.packed = PackedWeight.of(probe, kind=packed.kind)
         candidates["packed"] = run(lambda m, xs, a, r: run_packed(m.packed, xs, a, r))
     return _decide(key, rows, run(linear_reference if grad else _torch_linear), candidates)
+
+
+def _cold_copies(w: torch.Tensor) -> int:
+    """How many copies of w a kernel measurement cycles through: COLD_BYTES of them, 1 to 16."""
+    return max(1, min(16, COLD_BYTES // (w.numel() * w.element_size() or 1)))
 
 
 def _decide(key: Key, rows: int, reference: Callable[[], torch.Tensor],
