@@ -228,6 +228,7 @@ def test_classify_train_and_predict(tiny, tmp_path, capsys):
 
 
 # --- torchrun ---------------------------------------------------------------------------------------
+@pytest.mark.slow  # two torchrun ranks and a reference process: ~12 s of the README's test command
 def test_torchrun_two_ranks_equal_one_process_with_double_batch(tiny, tmp_path):
     """2 ranks x batch 4 == 1 process x batch 8 == 1 process x batch 4 x --grad-accum 2.
 

@@ -127,9 +127,10 @@ def test_manual_block_commands_exist(clone, block):
     commands = [line.split("#")[0].strip() for line in block.code.splitlines()]
     commands = [c for c in commands if c and not c.startswith("#")]
     assert commands, block.id
-    for command in commands:
-        argv = shlex.split(command)
-        assert argv[0] == "python", f"{block.id}: {command!r}"
-        r = subprocess.run([sys.executable, *argv[1:], "--help"], cwd=clone, env=env(clone), capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0 and "usage" in r.stdout.lower(), f"{command} --help:\n{r.stderr[-2000:]}"
+    argvs = [shlex.split(command) for command in commands]
+    assert all(argv[0] == "python" for argv in argvs), f"{block.id}: {commands!r}"
+    procs = [subprocess.Popen([sys.executable, *argv[1:], "--help"], cwd=clone, env=env(clone), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in argvs]  # all at once
+    for command, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "usage" in out.lower(), f"{command} --help:\n{err[-2000:]}"
