@@ -3,8 +3,9 @@
 72 linears (12 layers x query, key, value, attention output, intermediate, output; 340 MB of fp32
 weights, distinct per layer, cycled as a forward does) at 32 and 128 rows, on each kernel torch
 offers for fp32 on x86: F.linear (MKL sgemm, the weight re-laid out per call), oneDNN's linear
-(`mkldnn._linear_pointwise`), oneDNN on weights reordered once (`mkldnn._reorder_linear_weight`) and
-MKL's packed sgemm on weights packed once (`mkl._mkl_reorder_linear_weight`, what `prepack` uses);
+(`mkldnn._linear_pointwise`), and the two packings `prepack` chooses between per weight shape
+(`kernels.packing_for`): oneDNN on weights reordered once (`mkldnn._reorder_linear_weight`) and MKL's
+packed sgemm on weights packed once (`mkl._mkl_reorder_linear_weight`);
 and, as the anchor, ONNX Runtime running the same 72 linears as one graph of `Gemm` nodes (its MLAS
 sgemm on weights it prepacks when the session opens, as in the exported model of bench_inference.py).
 Prints the median ms per forward's worth of GEMMs, and each kernel's largest difference to F.linear.
@@ -49,7 +50,7 @@ def kernels(rows: int, layers) -> Dict[str, Callable]:
                             for w, b in layer] for layer in layers],
         "oneDNN, reordered once": lambda: [[torch.ops.mkldnn._linear_pointwise(xs[p.size(1)], p, b, "none", [], "")
                                             for p, b in layer] for layer in mkldnn],
-        "MKL packed once (prepack)": lambda: [[torch.ops.mkl._mkl_linear(xs[w.shape[1]], p, w, b, rows)
+        "MKL packed once": lambda: [[torch.ops.mkl._mkl_linear(xs[w.shape[1]], p, w, b, rows)
                                                for p, w, b in layer] for layer in mkl],
     }
 
