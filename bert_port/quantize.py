@@ -29,9 +29,9 @@ int8 GEMM dominate: at 1x32 it is only level with the fp32 model under `inferenc
 ONNX Runtime's int8 is 3-4x faster there (bench/README.md).
 
 Memory: besides the int8 weights (oneDNN's packed copy of them, and each linear's last correction terms:
-4 x out_features floats, 1.3 MB for BERT-base), each thread that runs a quantized model keeps two work
-buffers for the activations it quantizes (5 bytes per value of the largest input: 15.7 MB for
-BERT-base at 8x128, at most 80 MB; see WORKSPACE_VALUES), freed with the thread.
+4 x out_features floats, 1.3 MB for BERT-base), each thread that runs a quantized model keeps three work
+buffers for the activations it quantizes (7 bytes per value of the largest input: 22 MB for
+BERT-base at 8x128, at most 112 MB; see WORKSPACE_VALUES), freed with the thread.
 
 Export: a quantized model does not export to ONNX (ONNX has no per-token dynamic int8 matmul that
 ONNX Runtime runs fast); `torch.onnx.export` raises a RuntimeError saying so. To deploy int8 on
@@ -180,8 +180,8 @@ def _zeros(n: int) -> torch.Tensor:
 
 _last = threading.local()  # the last input quantized in this thread: query, key and value share it
 
-# Values up to which each thread quantizes activations in two work buffers it keeps (fp32 and uint8, 5 bytes a
-# value: 80 MB at most; BERT-base 8x128 needs 15.7 MB). Why keep them: buffers of that size, freed and allocated
+# Values up to which each thread quantizes activations in three work buffers it keeps (fp32, int16 and uint8, 7
+# bytes a value: 112 MB at most; BERT-base 8x128 needs 22 MB). Why keep them: buffers of that size, freed and allocated
 # again, often come back as fresh pages from the kernel; BERT-base 8x128 took 60k page faults per forward without
 # them and 12k with them (~1.5 us each on the 2-core VM of bench/README.md). Larger inputs get fresh buffers.
 WORKSPACE_VALUES = 2**24
@@ -231,7 +231,8 @@ def _quantize_input(x: torch.Tensor, outliers: int, buffer: Callable[..., torch.
     cols = torch.maximum(x2.amax(0), x2.amin(0).neg_()).topk(outliers).indices
     values = x2.index_select(1, cols).float()
     work = buffer(*x2.shape, torch.float32, x.device).copy_(x2).index_fill_(1, cols, 0.0)
-    q, scale, zero = quantize_tokens_(work, buffer(*x2.shape, torch.uint8, x.device))
+    q, scale, zero = quantize_tokens_(work, buffer(*x2.shape, torch.uint8, x.device),
+                                      buffer(*x2.shape, torch.int16, x.device))
     return q, scale, torch.cat([zero * scale, values, torch.ones_like(scale)], 1), cols
 
 
@@ -241,9 +242,11 @@ def quantize_rows(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (w / scale).round_().to(torch.int8), scale
 
 
-def quantize_tokens_(x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_tokens_(x: torch.Tensor, out: torch.Tensor, via: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
     """Asymmetric 8-bit with one scale and zero point per row (the tokens): (q, scale, zero), x ~= (q - zero) * scale,
-    q written into `out` (uint8, x's shape). Overwrites x (2-D fp32, the caller's work buffer).
+    q written into `out` (uint8, x's shape) through `via` (int16, x's shape). Overwrites x (2-D fp32, the
+    caller's work buffer).
 
     Asymmetric because several inputs are far from symmetric (GELU outputs lie in [-0.17, inf)):
     the full 256 levels cover [min, max] of each token. On all-MiniLM-L6-v2 this moves the worst of 12
@@ -256,7 +259,9 @@ def quantize_tokens_(x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, 
     # broadcast (rows, 1) operands addcmul runs a scalar loop, ~2x slower here.
     inv = 254.99 / (hi - lo).clamp_(min=1e-12)
     zero = torch.addcmul(torch.full_like(lo, 0.505), lo, inv, value=-1.0)
-    q = out.copy_(x.mul_(inv).add_(zero + 0.5))
+    # fp32 -> int16 -> uint8: torch converts fp32 to uint8 in a scalar loop (944 us at 1024x3072 on a Zen 4),
+    # these two conversions are vectorised (334 us); the same codes, all of them in [1, 255] before truncation.
+    q = out.copy_(via.copy_(x.mul_(inv).add_(zero + 0.5)))
     return q, inv.reciprocal(), zero  # q = round(x / scale + zero)
 
 
