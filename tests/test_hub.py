@@ -315,6 +315,7 @@ def test_a_converted_dir_without_manifest_is_not_trusted(fake_hub):
     assert len(fake_hub.server.gets(fake_hub.weights_path)) == 2
 
 
+@pytest.mark.slow  # four processes importing torch behind a ~4 s download: ~9 s of the README's test command
 def test_four_processes_download_each_file_once(fake_hub, tmp_path):
     fake_hub.server.throttle(fake_hub.weights_path, 20_000)  # ~4 s: all four reach the lock meanwhile
     outs = [tmp_path / f"out{i}.npz" for i in range(4)]

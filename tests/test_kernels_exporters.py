@@ -346,6 +346,7 @@ def test_onnx_export_runs_in_onnxruntime_with_dynamic_axes(tmp_path, exporter, h
             assert diff.max() < 1e-5, (head, exporter, diff.max())
 
 
+@pytest.mark.slow  # the command end to end in a subprocess (~7 s); the exporters themselves are tested above
 def test_export_cli(tmp_path, minilm_dir):
     pytest.importorskip("onnxruntime")
     out = tmp_path / "minilm.onnx"
