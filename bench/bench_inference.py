@@ -3,10 +3,11 @@
 Cases: fp32 8x128 full length; fp32 batch 16 with lengths uniform in 16-128 padded to 128 (ours:
 the exact default, and "ours jagged": the same 16 sequences as a torch.nested jagged batch);
 batch-1 latency (1x128 and 1x32, eager and `inference.prepack`); bf16 8x128 (bf16 weights and
-autocast) against HF bf16, HF fp32, ONNX Runtime fp32 and ONNX Runtime int8; int8 8x128
-(`bert_port.quantize_int8`) against our fp32, ONNX Runtime fp32 and ONNX Runtime's own int8
-(`onnxruntime.quantization.quantize_dynamic`), with each int8's accuracy on real all-MiniLM-L6-v2
-weights (sentence embeddings) and on a fine-tuned tagger (entity F1, case int8task).
+autocast) against HF bf16, HF fp32, ONNX Runtime fp32 and ONNX Runtime int8; int8
+(`bert_port.quantize_int8`) at 8x128, and at 1x128 and 1x32 as a report, against our fp32, ONNX
+Runtime fp32 and ONNX Runtime's own int8 (`onnxruntime.quantization.quantize_dynamic`), with each
+int8's accuracy on real all-MiniLM-L6-v2 weights (sentence embeddings) and on a fine-tuned tagger
+(entity F1, case int8task).
 ONNX Runtime runs HF's model exported by torch.onnx.export (CPU EP, ORT_ENABLE_ALL, same threads).
 Prints markdown tables; "speedup" is the median over repetitions of anchor_ms / ours_ms, each
 pair measured back to back.
@@ -193,9 +194,15 @@ def case_bf16(b: Bench) -> None:
     b.add_rows("bf16 8×128", times, ours_names, C.real_tokens(inputs[2]))
     best = min(ours_names, key=lambda n: C.med(times[n]))
     best_hf = min(["hf_sdpa bf16 weights", "hf_sdpa autocast"], key=lambda n: C.med(times[n]))
-    b.summary.append((f"bf16 ({best}) vs HF bf16 ({best_hf}) ≥ 1.0",
-                      C.paired_ratio(times[best_hf], times[best]), 1.0))
-    b.summary.append((f"bf16 ({best}) vs HF fp32 ≥ 2.5", C.paired_ratio(times["hf_sdpa fp32"], times[best]), 2.5))
+    # Issue 19's bf16 targets are for CPUs with native bf16 (AVX-512-BF16, AMX); elsewhere oneDNN emulates
+    # bf16 in fp32 registers, slower than fp32 itself, and the rows are reported only.
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    target = (lambda goal: goal) if native else (lambda goal: None)  # noqa: E731
+    suffix = "" if native else " (no native bf16 on this CPU: report)"
+    b.summary.append((f"bf16 ({best}) vs HF bf16 ({best_hf}) ≥ 1.0{suffix}",
+                      C.paired_ratio(times[best_hf], times[best]), target(1.0)))
+    b.summary.append((f"bf16 ({best}) vs HF fp32 ≥ 2.5{suffix}", C.paired_ratio(times["hf_sdpa fp32"], times[best]),
+                      target(2.5)))
     for ort in ("ort fp32", "ort int8"):
         b.summary.append((f"bf16 ({best}) vs ONNX Runtime {ort[4:]} (report)",
                           C.paired_ratio(times[ort], times[best]), None))
@@ -225,6 +232,22 @@ def case_int8(b: Bench) -> None:
         b.summary.append(("MiniLM int8 embedding cosine min ≥ 0.99", ours["cos_min"], 0.99))
         b.summary.append(("MiniLM int8 pairwise change ≤ 0.02 (shown: 0.02 / change)",
                           0.02 / ours["pairwise_max"], 1.0))
+    int8_batch1(b, fns["ours int8"])
+
+
+def int8_batch1(b: Bench, ours_int8) -> None:
+    """int8 at batch 1 (reported, no target): what a service calling one text at a time sees, next to
+    ONNX Runtime's int8 and our fastest fp32 there (`inference.prepack`)."""
+    from bert_port.inference import prepack
+
+    fns = {"ours int8": ours_int8, "ours fp32 prepacked": C.forward_fn("ours", prepack(b.models["ours"])),
+           "ort fp32": b.fns["ort"], "ort int8": b.ort_int8()}
+    for S in (128, 32):
+        times = run_case(f"int8 1×{S}", fns, C.make_batch(1, S, seed=2), max(b.args.reps, 20), b.args.warmup)
+        b.add_rows(f"int8 1×{S}", times, ["ours int8"], S)
+        for anchor in ("ours fp32 prepacked", "ort int8"):
+            b.summary.append((f"int8 1×{S} (quantize_int8) vs {anchor.replace('ort', 'ONNX Runtime')} (report)",
+                              C.paired_ratio(times[anchor], times["ours int8"]), None))
 
 
 def ao_quantize(model):
