@@ -261,6 +261,23 @@ def returns_new_tensor(cls: type) -> type:
     return cls
 
 
+def runs_as_group(cls: type) -> type:
+    """Class decorator: `cls.forward_group(modules, x)` runs modules of `cls` that read the same input
+    (attention's query, key and value) as one call and returns what each `module(x)` would, or None
+    (then they run one by one). `linears` uses it only where calling the modules one by one would run
+    nothing else: no hooks, forwards not replaced, no graph being recorded."""
+    _GROUP_FORWARDS[cls] = cls.forward
+    return cls
+
+
+def _runs_as_group(group: Tuple[nn.Module, ...]) -> bool:
+    cls = type(group[0])
+    return (_GROUP_FORWARDS.get(cls) is cls.forward and not (_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1])
+            and all(type(m) is cls and "forward" not in m.__dict__ and not m._forward_hooks
+                    and not m._forward_pre_hooks for m in group)
+            and not recording_or_transformed())
+
+
 def _owned_output(module: nn.Module, y) -> bool:
     """Is y, returned by module(x), a new tensor nobody else can see: a registered class's own forward
     (not replaced on the instance or the class), no forward hook that could have kept it, no autograd."""
@@ -272,8 +289,12 @@ def _owned_output(module: nn.Module, y) -> bool:
 
 def linears(modules: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     """`linear(m, x)` for each module (attention's query, key and value); one GEMM on their weights
-    packed side by side when `using_packed` holds them as a group."""
+    side by side when `using_packed` holds them as a group, or their class `runs_as_group`."""
     group = tuple(modules)
+    if type(group[0]) in _GROUP_FORWARDS and _runs_as_group(group):
+        outputs = type(group[0]).forward_group(group, x)
+        if outputs is not None:
+            return outputs
     packed = _packed_for(group, group, x, None)
     if packed is not None:
         rows = x.numel() // x.shape[-1]
@@ -548,3 +569,4 @@ _LINEAR_FORWARD = nn.Linear.forward
 _GLOBAL_HOOKS = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks)
 _MKL_LINEAR = torch.ops.mkl._mkl_linear.default if "mkl" in packings() else None
 _NEW_TENSOR_FORWARDS: Dict[type, Callable] = {}  # see returns_new_tensor
+_GROUP_FORWARDS: Dict[type, Callable] = {}  # see runs_as_group

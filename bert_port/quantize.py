@@ -7,7 +7,8 @@ The scheme, and why it is this one:
 - y = s_x s_w (x_q @ W_q^T - zero rowsum(W_q)) + b, the u8 x s8 product on oneDNN's int8 linear with a
   prepacked weight (AMX or VNNI instructions where the CPU has them; `torch._int_mm` elsewhere).
   The prepacked copy lives beside the module (not in its state), made on first use.
-- the input is quantized once per tensor: query, key and value share it (see _quantized_input).
+- the input is quantized once per tensor, and query, key and value, which read the same one, run as one
+  int8 GEMM on their weights side by side (see _quantized_input, QuantizedLinear.forward_group).
 The quantization of a token does not depend on the batch, except which 2 input channels stay in
 floating point (the largest in the batch; see OUTLIER_COLUMNS).
 One scale per tensor for the activations (`torch.ao.quantization.quantize_dynamic`'s scheme) lets
@@ -63,6 +64,7 @@ EXPORT_ERROR = ("QuantizedLinear (bert_port.quantize_int8) does not export to ON
                 "quantize the .onnx file with onnxruntime.quantization.quantize_dynamic instead")
 
 
+@kernels.runs_as_group  # query, key and value: one GEMM (forward_group)
 @kernels.returns_new_tensor  # its epilogue (GELU, residual add) runs in place
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with int8 W (one scale per output row) and int8 x (one scale per token)."""
@@ -73,7 +75,7 @@ class QuantizedLinear(nn.Module):
         self.out_features = out_features
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
-        # -s_w * rowsum(W_q): what an activation zero point costs each output (see forward).
+        # -s_w * rowsum(W_q): what an activation zero point costs each output (see _linears).
         self.register_buffer("weight_zero_term", torch.zeros(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
@@ -93,28 +95,22 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             raise RuntimeError(EXPORT_ERROR)
-        # While a graph is recorded (torch.compile, torch.export, jit.trace): fresh buffers, no cache and
-        # torch._int_mm, ops every compiler knows (oneDNN's packed weight and per-thread state are not).
-        recording = kernels.recording_or_transformed()
-        outliers = min(OUTLIER_COLUMNS, self.in_features)
-        xq, x_scale, lhs, cols = _quantize_input(x, outliers) if recording else _quantized_input(x, outliers)
-        y = self._int8_matmul(xq, None if recording else _packed_weight(self)).mul_(x_scale)  # s_x s_w (xq @ W_q^T)
-        # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (xq W_q^T - zero rowsum(W_q))
-        # + outliers W[:, cols]^T + b: the zero-point, outlier and bias terms are one thin GEMM added in place,
-        # lhs = [zero s_x, outlier values, 1] (M, 2 + k) and rhs = [-s_w rowsum(W_q); W[:, cols]^T; b].
-        y.addmm_(lhs, self._correction_rhs(cols, cache=not recording))
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return _linears((self,), x, recording=kernels.recording_or_transformed())[0]
 
-    def _int8_matmul(self, xq: torch.Tensor, packed: Optional[torch.Tensor]) -> torch.Tensor:
-        """(xq @ W_q^T) * s_w in fp32 for uint8 xq: oneDNN's u8 x s8 linear on its `packed` weight (AMX/VNNI,
-        the per-channel scale applied inside the kernel), else torch._int_mm (s8 x s8: xq - 128, and
-        128 rowsum(W_q) added back) and a multiply."""
-        if packed is None:
-            xs8 = xq.to(torch.int16).sub_(128).to(torch.int8)  # (not a dtype view: jit.trace cannot record one)
-            y = torch._int_mm(xs8, self.weight_int8.t()).float()
-            return y.mul_(self.weight_scale).sub_(self.weight_zero_term, alpha=128.0)  # weight_zero_term: -s_w rowsum
-        return _QLINEAR(xq, _ONE, _ZERO, packed, self.weight_scale.float(), _zeros(self.out_features), None,
-                        1.0, 0, torch.float32, "none", [], "")
+    @staticmethod
+    def forward_group(modules: Tuple["QuantizedLinear", ...], x: torch.Tensor) -> Optional[Tuple[torch.Tensor, ...]]:
+        """Modules that read the same x (attention's query, key and value; see kernels.runs_as_group) as one
+        int8 GEMM on their weights side by side, packed once: the same integers as one by one, and one call
+        instead of three (BERT-base 1x32: 3 x 97 us of GEMM became ~210 us, plus two calls' eager ops).
+        None where oneDNN's int8 linear does not run them (then they run one by one)."""
+        return _linears(modules, x, recording=False) if _packed_weight(modules) is not None else None
+
+    def _int8_matmul(self, xq: torch.Tensor) -> torch.Tensor:
+        """(xq @ W_q^T) * s_w in fp32 for uint8 xq without oneDNN's packed weight (recording a graph, or no
+        int8 primitive): torch._int_mm (s8 x s8: xq - 128, and 128 rowsum(W_q) added back) and a multiply."""
+        xs8 = xq.to(torch.int16).sub_(128).to(torch.int8)  # (not a dtype view: jit.trace cannot record one)
+        y = torch._int_mm(xs8, self.weight_int8.t()).float()
+        return y.mul_(self.weight_scale).sub_(self.weight_zero_term, alpha=128.0)  # weight_zero_term: -s_w rowsum
 
     def _correction_rhs(self, cols: torch.Tensor, cache: bool) -> torch.Tensor:
         """[-s_w rowsum(W_q); W[:, cols]^T dequantized; b], (2 + k, N). Kept beside the module for the last
@@ -147,9 +143,10 @@ def _find_qlinear():
 
 _QLINEAR = _find_qlinear()
 _ONE, _ZERO = torch.ones(()), torch.zeros((), dtype=torch.int64)
-# module -> ((weight_int8, its kernels.version, data_ptr), oneDNN-packed weight): kept beside the module so
-# that its state_dict, deepcopy and .to() see only plain tensors.
+# first module -> (key: module count, (tensor, kernels.version, data_ptr) of each weight and scale; (oneDNN-packed
+# weight, scales) or None): kept beside the modules so that state_dict, deepcopy and .to() see only plain tensors.
 _packed: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()
+_packed_groups: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()  # the same, groups
 # module -> (key, its last correction rhs); the key: outlier columns, (buffer, version, data_ptr) of each buffer
 _rhs: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()
 
@@ -159,18 +156,47 @@ def _same_key(a: tuple, b: tuple) -> bool:
         s is t and s_rest == t_rest for (s, *s_rest), (t, *t_rest) in zip(a[1:], b[1:]))
 
 
-def _packed_weight(module: "QuantizedLinear") -> Optional[torch.Tensor]:
-    w = module.weight_int8
-    if _QLINEAR is None or w.device.type != "cpu" or module.weight_scale.dtype != torch.float32:
+def _packed_weight(modules: Tuple["QuantizedLinear", ...]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(oneDNN-packed int8 weight, fp32 per-channel scale) of the modules' weights stacked along the output (one
+    module, or query, key and value), made on first use and again once a weight or scale changed; None where
+    oneDNN's int8 linear does not run them (no such op or primitive, not CPU, not fp32 scales)."""
+    if _QLINEAR is None or any(m.weight_int8.device.type != "cpu" or m.weight_scale.dtype != torch.float32
+                               for m in modules):
         return None
-    source, entry = (w, kernels.version(w), w.data_ptr()), _packed.get(module)
-    if entry is None or entry[0][0] is not w or entry[0][1:] != source[1:]:
+    source = (len(modules),) + tuple((t, kernels.version(t), t.data_ptr())
+                                     for m in modules for t in (m.weight_int8, m.weight_scale))
+    table = _packed if len(modules) == 1 else _packed_groups
+    entry = table.get(modules[0])
+    if entry is None or not _same_key(entry[0], source):
+        weight = torch.cat([m.weight_int8 for m in modules]) if len(modules) > 1 else modules[0].weight_int8
         try:
-            entry = (source, torch.ops.onednn.qlinear_prepack(w, None))
+            packed = (torch.ops.onednn.qlinear_prepack(weight, None), torch.cat([m.weight_scale for m in modules]))
         except RuntimeError:  # no int8 primitive on this CPU
-            entry = (source, None)
-        _packed[module] = entry
+            packed = None
+        entry = table[modules[0]] = (source, packed)
     return entry[1]
+
+
+def _linears(modules: Tuple[QuantizedLinear, ...], x: torch.Tensor, recording: bool) -> Tuple[torch.Tensor, ...]:
+    """Each module's x W^T + b, as one int8 GEMM on their weights side by side.
+    While a graph is recorded (torch.compile, torch.export, jit.trace; one module): fresh buffers, no cache
+    and torch._int_mm, ops every compiler knows (oneDNN's packed weight and per-thread state are not)."""
+    outliers = min(OUTLIER_COLUMNS, x.shape[-1])
+    xq, x_scale, lhs, cols = _quantize_input(x, outliers) if recording else _quantized_input(x, outliers)
+    packed = None if recording else _packed_weight(modules)
+    if packed is None:
+        y = modules[0]._int8_matmul(xq)
+    else:  # oneDNN's u8 x s8 linear (AMX/VNNI), s_w applied inside
+        y = _QLINEAR(xq, _ONE, _ZERO, packed[0], packed[1], _zeros(packed[1].shape[0]), None, 1.0, 0,
+                     torch.float32, "none", [], "")
+    y.mul_(x_scale)  # s_x s_w (xq @ W_q^T)
+    # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (xq W_q^T - zero rowsum(W_q))
+    # + outliers W[:, cols]^T + b: the zero-point, outlier and bias terms are one thin GEMM added in place,
+    # lhs = [zero s_x, outlier values, 1] (M, 2 + k) and rhs = [-s_w rowsum(W_q); W[:, cols]^T; b].
+    rhs = [m._correction_rhs(cols, cache=not recording) for m in modules]
+    y.addmm_(lhs, rhs[0] if len(rhs) == 1 else torch.cat(rhs, 1))
+    y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
+    return (y,) if len(modules) == 1 else y.split([m.out_features for m in modules], -1)
 
 
 @functools.lru_cache(maxsize=64)

@@ -258,6 +258,31 @@ def test_epilogue_in_place_only_on_outputs_nobody_else_holds():
     assert torch.equal(out, want) and torch.equal(held, copy)
 
 
+@pytest.mark.skipif(bp.quantize._QLINEAR is None, reason="this torch build has no oneDNN int8 linear")
+def test_query_key_value_run_as_one_gemm_with_the_same_numbers(monkeypatch):
+    """Query, key and value read one input: they run as one int8 GEMM on their weights side by side
+    (4 GEMMs per layer, not 6), with the same output, bit for bit, as one by one; a hook on one of
+    them makes them run one by one, and the hook runs."""
+    q = bp.quantize_int8(small())
+    inputs = _unpadded_inputs(2, 20, seed=3)
+    shapes = []
+    real = bp.quantize._QLINEAR
+    monkeypatch.setattr(bp.quantize, "_QLINEAR", lambda xq, *a: shapes.append(tuple(a[2].shape)) or real(xq, *a))
+    layers, hidden = len(q.encoder.layer), SMALL["hidden_size"]
+    with torch.no_grad():
+        grouped = q(*inputs)[0][-1]
+        assert len(shapes) == 4 * layers and shapes.count((hidden, 3 * hidden)) == layers  # packed (K, N)
+        seen = []
+        handle = q.encoder.layer[0].attention.self.key.register_forward_pre_hook(lambda m, args: seen.append(m))
+        shapes.clear()
+        try:
+            one_by_one = q(*inputs)[0][-1]
+        finally:
+            handle.remove()
+    assert len(seen) == 1 and len(shapes) == 4 * layers + 2  # layer 0 one by one
+    assert torch.equal(grouped, one_by_one)
+
+
 def _unpadded_inputs(batch, seq_len, seed):
     ids, types, _ = make_inputs(batch=batch, seq_len=seq_len, vocab=SMALL["vocab_size_or_config_json_file"], seed=seed)
     # no padding: which 2 channels stay in fp32 is chosen over the whole batch, and in this small random
@@ -297,8 +322,9 @@ def test_torch_compile_runs_the_int8_model(backend):
     assert 0 < (got - fp32).abs().max() <= 1.5 * int8_error
 
 
-@pytest.mark.parametrize("change", ["load_state_dict", "bias in place", "new weight tensor"])
-def test_changed_weights_are_seen_by_the_next_call(change):
+@pytest.mark.parametrize("path", ["output.dense", "attention.self.value"])  # alone, and in query/key/value's GEMM
+@pytest.mark.parametrize("change", ["load_state_dict", "bias in place", "new weight tensor", "scale in place"])
+def test_changed_weights_are_seen_by_the_next_call(change, path):
     """What each QuantizedLinear keeps beside itself between calls (oneDNN's packed weight, the last
     correction terms) follows its buffers: changed in place, loaded, or replaced, the next call uses
     the new values (compared with a model quantized from the changed weights)."""
@@ -306,7 +332,7 @@ def test_changed_weights_are_seen_by_the_next_call(change):
     scale_weights_(other, std=0.1, seed=7)
     q, want_model = bp.quantize_int8(model), bp.quantize_int8(other)
     inputs = _unpadded_inputs(2, 20, seed=1)
-    dense = q.encoder.layer[1].output.dense
+    dense = q.encoder.layer[1].get_submodule(path)
     with torch.no_grad():
         q(*inputs)  # fills what is kept
         if change == "load_state_dict":
@@ -314,8 +340,11 @@ def test_changed_weights_are_seen_by_the_next_call(change):
         elif change == "bias in place":
             dense.bias.add_(1.0)
             want_model = copy.deepcopy(q)  # a new module: nothing kept beside it yet
+        elif change == "scale in place":
+            dense.weight_scale.mul_(1.5)
+            want_model = copy.deepcopy(q)
         else:
-            dense.weight_int8 = want_model.encoder.layer[1].output.dense.weight_int8.clone()
+            dense.weight_int8 = want_model.encoder.layer[1].get_submodule(path).weight_int8.clone()
             want_model = copy.deepcopy(q)
         want = want_model(*inputs)[0][-1]
         assert torch.equal(q(*inputs)[0][-1], want)
