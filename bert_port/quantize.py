@@ -96,7 +96,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             raise RuntimeError(EXPORT_ERROR)
-        return _linears((self,), x, recording=kernels.recording_or_transformed())[0]
+        recording = kernels.recording_or_transformed()
+        return _linears((self,), x, recording, None if recording else _packed_weight((self,)))[0]
 
     @staticmethod
     def forward_group(modules: Tuple["QuantizedLinear", ...], x: torch.Tensor) -> Optional[Tuple[torch.Tensor, ...]]:
@@ -104,7 +105,8 @@ class QuantizedLinear(nn.Module):
         int8 GEMM on their weights side by side, packed once: the same integers as one by one, and one call
         instead of three (BERT-base 1x32: 3 x 97 us of GEMM became ~210 us, plus two calls' eager ops).
         None where oneDNN's int8 linear does not run them (then they run one by one)."""
-        return _linears(modules, x, recording=False) if _packed_weight(modules) is not None else None
+        packed = _packed_weight(modules)
+        return None if packed is None else _linears(modules, x, False, packed)
 
     def _int8_matmul(self, xq: torch.Tensor) -> torch.Tensor:
         """(xq @ W_q^T) * s_w in fp32 for uint8 xq without oneDNN's packed weight (recording a graph, or no
@@ -178,13 +180,14 @@ def _packed_weight(modules: Tuple["QuantizedLinear", ...]) -> Optional[Tuple[tor
     return entry[1]
 
 
-def _linears(modules: Tuple[QuantizedLinear, ...], x: torch.Tensor, recording: bool) -> Tuple[torch.Tensor, ...]:
-    """Each module's x W^T + b, as one int8 GEMM on their weights side by side.
+def _linears(modules: Tuple[QuantizedLinear, ...], x: torch.Tensor, recording: bool,
+             packed: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, ...]:
+    """Each module's x W^T + b, as one int8 GEMM on their weights side by side (`packed`: _packed_weight(modules),
+    or None for torch._int_mm on one module).
     While a graph is recorded (torch.compile, torch.export, jit.trace; one module): fresh buffers, no cache
     and torch._int_mm, ops every compiler knows (oneDNN's packed weight and per-thread state are not)."""
     outliers = min(OUTLIER_COLUMNS, x.shape[-1])
     xq, x_scale, lhs, cols = _quantize_input(x, outliers) if recording else _quantized_input(x, outliers)
-    packed = None if recording else _packed_weight(modules)
     if packed is None:
         y = modules[0]._int8_matmul(xq)
     else:  # oneDNN's u8 x s8 linear (AMX/VNNI), s_w applied inside
