@@ -197,7 +197,7 @@ def case_bf16(b: Bench) -> None:
     # Issue 19's bf16 targets are for CPUs with native bf16 (AVX-512-BF16, AMX); elsewhere oneDNN emulates
     # bf16 in fp32 registers, slower than fp32 itself, and the rows are reported only.
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    target = (lambda goal: goal) if native else (lambda goal: None)  # noqa: E731
+    target = lambda goal: goal if native else None  # noqa: E731
     suffix = "" if native else " (no native bf16 on this CPU: report)"
     b.summary.append((f"bf16 ({best}) vs HF bf16 ({best_hf}) ≥ 1.0{suffix}",
                       C.paired_ratio(times[best_hf], times[best]), target(1.0)))

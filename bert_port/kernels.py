@@ -291,7 +291,7 @@ def linears(modules: Sequence[nn.Module], x: torch.Tensor) -> Tuple[torch.Tensor
     """`linear(m, x)` for each module (attention's query, key and value); one GEMM on their weights
     side by side when `using_packed` holds them as a group, or their class `runs_as_group`."""
     group = tuple(modules)
-    if type(group[0]) in _GROUP_FORWARDS and _runs_as_group(group):
+    if _runs_as_group(group):
         outputs = type(group[0]).forward_group(group, x)
         if outputs is not None:
             return outputs
