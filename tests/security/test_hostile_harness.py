@@ -196,3 +196,17 @@ def test_hostile_case(outcomes, cid):
     case, result = outcomes[cid]
     problem = check(case, result)
     assert problem is None, f"{cid}: {problem}"
+
+
+def test_the_harness_sees_what_a_case_changes_outside_its_sandbox(tmp_path):
+    """The snapshot check itself: a directory made in another case's box is reported, one made in the
+    case's own sandbox is not (a snapshot that missed entries would pass every case above)."""
+    boxes = tmp_path / "box"
+    for name in ("own", "other/deep"):
+        (boxes / name).mkdir(parents=True)
+    cases = [{"id": f"mkdir-{where}", "kind": "call", "sandbox": str(boxes / "own"), "target": "os:mkdir",
+              "args": [str(boxes / where / "new")]} for where in ("own", "other/deep")]
+    inside, outside = run_cases(cases, tmp_path)
+    assert check(cases[0], inside) is None
+    assert "changed outside its sandbox" in (check(cases[1], outside) or "")
+    assert str(boxes / "other" / "deep" / "new") in str(outside["outside_changes"])
