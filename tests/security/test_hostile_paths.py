@@ -281,11 +281,11 @@ def test_drip_hits_the_overall_deadline(server, tmp_path, monkeypatch, rate):
     """Bytes keep arriving, so no read ever times out: only the overall deadline ends it."""
     server.files["/blob"] = b"x" * 100_000
     server.throttle("/blob", rate)
-    monkeypatch.setenv("BERT_PORT_DOWNLOAD_TIMEOUT", "4")
+    monkeypatch.setenv("BERT_PORT_DOWNLOAD_TIMEOUT", "2")  # above the drip's 1.5 s: bytes arrive before it ends
     t = time.monotonic()
-    with pytest.raises(hub.HubError, match="not finished within 4 s.*kept in"):
+    with pytest.raises(hub.HubError, match="not finished within 2 s.*kept in"):
         hub.download(server.url + "/blob", tmp_path / "blob", retries=5)
-    assert 3.5 < time.monotonic() - t < 10
+    assert 1.5 < time.monotonic() - t < 8
     assert (tmp_path / "blob.part").stat().st_size > 0  # kept: a later call resumes
 
 
