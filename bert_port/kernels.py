@@ -42,7 +42,7 @@ import os
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, Dict, Iterator, List, MutableMapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, MutableMapping, Optional, Sequence, Tuple, Union
 
 # oneDNN keeps 1024 compiled primitives by default; each fused linear (shape, dtype, epilogue) is one,
 # so a process that runs several shapes and dtypes evicts and rebuilds them every call: the bf16 case
@@ -89,7 +89,7 @@ class PackedWeight:
     bias: Optional[torch.Tensor]
     shape: torch.Tensor  # (out, in) without storage: the op reads the original weight's shape only
     splits: Tuple[int, ...]  # out_features of each linear
-    sources: Tuple[Tuple[torch.Tensor, int, int], ...]  # (tensor, version(tensor), data_ptr) of every weight and bias
+    sources: Tuple[Tuple[torch.Tensor, int, int], ...]  # stamps(...) of every weight and bias
 
     @classmethod
     def of(cls, *modules: nn.Linear, kind: Optional[str] = None) -> "PackedWeight":
@@ -100,23 +100,32 @@ class PackedWeight:
         biases = [m.bias.detach() for m in modules if m.bias is not None]
         bias = (torch.cat(biases) if len(biases) > 1 else biases[0]) if biases else None
         kind = kind or packing_for(w)
-        sources = tuple((t, version(t), t.data_ptr()) for m in modules for t in (m.weight, m.bias) if t is not None)
         return cls(kind, _pack(w, kind), bias, torch.zeros((), dtype=w.dtype).expand(w.shape),
-                   tuple(m.out_features for m in modules), sources)
+                   tuple(m.out_features for m in modules), stamps(t for m in modules for t in (m.weight, m.bias)))
 
     def fits(self, modules: Sequence[nn.Module]) -> bool:
-        """Built from these modules' weights and biases as they are now: the same tensors, not changed in
-        place (`_version`) nor given new storage (`.data = ...`, `.to(...)`). A write through `.data`
-        cannot be seen: pack again after one. (Reads `_parameters` directly: this runs on every call.)"""
-        sources = iter(self.sources)
-        for m in modules:
-            params = m._parameters
-            for t in (params.get("weight"), params.get("bias")):
-                if t is not None:
-                    s, version, ptr = next(sources, (None, 0, 0))
-                    if t is not s or (version >= 0 and t._version != version) or t.data_ptr() != ptr:
-                        return False
-        return next(sources, None) is None
+        """Built from these modules' weights and biases as they are now (`unchanged`; reads `_parameters`
+        directly: this runs on every call)."""
+        return unchanged(self.sources, (m._parameters.get(name) for m in modules for name in ("weight", "bias")))
+
+
+def stamps(tensors: Iterable[Optional[torch.Tensor]]) -> Tuple[Tuple[torch.Tensor, int, int], ...]:
+    """(tensor, version(tensor), data_ptr) of each tensor that is not None: what `unchanged` compares with."""
+    return tuple((t, version(t), t.data_ptr()) for t in tensors if t is not None)
+
+
+def unchanged(taken: Tuple[Tuple[torch.Tensor, int, int], ...], tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """Are `tensors` (None skipped) the ones `taken` (their `stamps`) was made of, none of them changed in
+    place (`_version`) nor given new storage (`.data = ...`, `.to(...)`)? What is made from weights and kept
+    beside their module (a packed copy) is made again when this is False. A write through `.data` cannot be
+    seen: pack again after one."""
+    taken_iter = iter(taken)
+    for t in tensors:
+        if t is not None:
+            s, version, ptr = next(taken_iter, (None, 0, 0))
+            if t is not s or (version >= 0 and t._version != version) or t.data_ptr() != ptr:
+                return False
+    return next(taken_iter, None) is None
 
 
 def version(t: torch.Tensor) -> int:

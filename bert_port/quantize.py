@@ -50,7 +50,7 @@ import copy
 import functools
 import threading
 import weakref
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -97,7 +97,7 @@ class QuantizedLinear(nn.Module):
         if torch.onnx.is_in_onnx_export():
             raise RuntimeError(EXPORT_ERROR)
         recording = kernels.recording_or_transformed()
-        return _linears((self,), x, recording, None if recording else _packed_weight((self,)))[0]
+        return _linears((self,), x, None if recording else _prepared((self,)))[0]
 
     @staticmethod
     def forward_group(modules: Tuple["QuantizedLinear", ...], x: torch.Tensor) -> Optional[Tuple[torch.Tensor, ...]]:
@@ -106,8 +106,8 @@ class QuantizedLinear(nn.Module):
         of three (BERT-base 8x128, in the model: 3.56 ms for the 768->2304 GEMM against 3 x 1.23 ms; whole
         forward 1x32 1.04x, 1x128 1.03x, 8x128 level; bench/README.md).
         None where oneDNN's int8 linear does not run them (then they run one by one)."""
-        packed = _packed_weight(modules)
-        return None if packed is None else _linears(modules, x, False, packed)
+        prepared = _prepared(modules)
+        return None if prepared.packed is None else _linears(modules, x, prepared)
 
     def _int8_matmul(self, xq: torch.Tensor) -> torch.Tensor:
         """(xq @ W_q^T) * s_w in fp32 for uint8 xq without oneDNN's packed weight (recording a graph, or no
@@ -116,22 +116,11 @@ class QuantizedLinear(nn.Module):
         y = torch._int_mm(xs8, self.weight_int8.t()).float()
         return y.mul_(self.weight_scale).sub_(self.weight_zero_term, alpha=128.0)  # weight_zero_term: -s_w rowsum
 
-    def _correction_rhs(self, cols: torch.Tensor, cache: bool) -> torch.Tensor:
-        """[-s_w rowsum(W_q); W[:, cols]^T dequantized; b], (2 + k, N). Kept beside the module for the last
-        `cols` (a model's outlier channels are mostly the same from call to call): gathering two columns
-        of the row-major int8 weight reads a cache line per row, ~46 us a call at batch 1 (bench/README.md)."""
-        key = None
-        if cache and cols.is_cpu:
-            key = (tuple(cols.tolist()),) + tuple((t, kernels.version(t), t.data_ptr()) for t in self.buffers())
-            entry = _rhs.get(self)
-            if entry is not None and _same_key(entry[0], key):
-                return entry[1]
+    def _correction_rhs(self, cols: torch.Tensor) -> torch.Tensor:
+        """[-s_w rowsum(W_q); W[:, cols]^T dequantized; b], (2 + k, N)."""
         w_out = self.weight_int8.index_select(1, cols).float().mul_(self.weight_scale[:, None])
         bias = self.bias.float() if self.bias is not None else self.weight_scale.new_zeros(())
-        rhs = torch.cat([self.weight_zero_term[None], w_out.t(), bias[None]], 0)
-        if key is not None:
-            _rhs[self] = (key, rhs)
-        return rhs
+        return torch.cat([self.weight_zero_term[None], w_out.t(), bias[None]], 0)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
@@ -147,49 +136,82 @@ def _find_qlinear():
 
 _QLINEAR = _find_qlinear()
 _ONE, _ZERO = torch.ones(()), torch.zeros((), dtype=torch.int64)
-# first module -> (key: module count, (tensor, kernels.version, data_ptr) of each weight and scale; (oneDNN-packed
-# weight, scales) or None): kept beside the modules so that state_dict, deepcopy and .to() see only plain tensors.
-_packed: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()
-_packed_groups: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()  # the same, groups
-# module -> (key, its last correction rhs); the key: outlier columns, (buffer, version, data_ptr) of each buffer
-_rhs: "weakref.WeakKeyDictionary[QuantizedLinear, tuple]" = weakref.WeakKeyDictionary()
 
 
-def _same_key(a: tuple, b: tuple) -> bool:
-    return a[0] == b[0] and len(a) == len(b) and all(
-        s is t and s_rest == t_rest for (s, *s_rest), (t, *t_rest) in zip(a[1:], b[1:]))
+class _Prepared:
+    """What one QuantizedLinear, or query, key and value run as one GEMM, keeps beside itself between calls
+    (beside the modules, so that state_dict, deepcopy and .to() see only plain tensors):
+    - sources: kernels.stamps of every buffer of the modules, checked once per call (kernels.unchanged) and
+      all of this made again when one changed. One check for all of it: at batch 1 it runs ~50 times per
+      forward, and BERT-base 1x32 ran 1.09x faster than with a key built per cache (bench/README.md);
+    - packed: (oneDNN-packed int8 weight, fp32 per-channel scale) of the weights stacked along the output, or
+      None where oneDNN's int8 linear does not run them (no such op or primitive, not CPU, not fp32 scales);
+    - last: (outlier columns, correction rhs side by side) of the last call: a model's outlier channels are
+      mostly the same from call to call, and gathering two columns of the row-major int8 weight reads a
+      cache line per row (~46 us a call at batch 1, bench/README.md)."""
+
+    __slots__ = ("sources", "packed", "last")
+
+    def __init__(self, modules: Tuple["QuantizedLinear", ...]) -> None:
+        self.sources = kernels.stamps(_buffers(modules))
+        self.packed = _pack(modules)
+        self.last: Optional[Tuple[Tuple[int, ...], torch.Tensor]] = None
 
 
-def _packed_weight(modules: Tuple["QuantizedLinear", ...]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(oneDNN-packed int8 weight, fp32 per-channel scale) of the modules' weights stacked along the output (one
-    module, or query, key and value), made on first use and again once a weight or scale changed; None where
-    oneDNN's int8 linear does not run them (no such op or primitive, not CPU, not fp32 scales)."""
+# first module -> {module count: its _Prepared} (one module alone, or its group)
+_state: "weakref.WeakKeyDictionary[QuantizedLinear, dict]" = weakref.WeakKeyDictionary()
+
+
+def _buffers(modules: Tuple["QuantizedLinear", ...]) -> Iterator[Optional[torch.Tensor]]:
+    return (t for m in modules for t in m._buffers.values())
+
+
+def _prepared(modules: Tuple["QuantizedLinear", ...]) -> _Prepared:
+    """The modules' _Prepared, made on first use and again once one of their buffers changed."""
+    entries = _state.get(modules[0])
+    if entries is None:
+        entries = _state[modules[0]] = {}
+    entry = entries.get(len(modules))
+    if entry is None or not kernels.unchanged(entry.sources, _buffers(modules)):
+        entry = entries[len(modules)] = _Prepared(modules)
+    return entry
+
+
+def _pack(modules: Tuple["QuantizedLinear", ...]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
     if _QLINEAR is None or any(m.weight_int8.device.type != "cpu" or m.weight_scale.dtype != torch.float32
                                for m in modules):
         return None
-    source = (len(modules),) + tuple((t, kernels.version(t), t.data_ptr())
-                                     for m in modules for t in (m.weight_int8, m.weight_scale))
-    table = _packed if len(modules) == 1 else _packed_groups
-    entry = table.get(modules[0])
-    if entry is None or not _same_key(entry[0], source):
-        weight, scale = ((torch.cat([m.weight_int8 for m in modules]), torch.cat([m.weight_scale for m in modules]))
-                         if len(modules) > 1 else (modules[0].weight_int8, modules[0].weight_scale))
-        try:
-            packed = (torch.ops.onednn.qlinear_prepack(weight, None), scale)
-        except RuntimeError:  # no int8 primitive on this CPU
-            packed = None
-        entry = table[modules[0]] = (source, packed)
-    return entry[1]
+    weight, scale = ((torch.cat([m.weight_int8 for m in modules]), torch.cat([m.weight_scale for m in modules]))
+                     if len(modules) > 1 else (modules[0].weight_int8, modules[0].weight_scale))
+    try:
+        return torch.ops.onednn.qlinear_prepack(weight, None), scale
+    except RuntimeError:  # no int8 primitive on this CPU
+        return None
 
 
-def _linears(modules: Tuple[QuantizedLinear, ...], x: torch.Tensor, recording: bool,
-             packed: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, ...]:
-    """Each module's x W^T + b, as one int8 GEMM on their weights side by side (`packed`: _packed_weight(modules),
-    or None for torch._int_mm on one module).
-    While a graph is recorded (torch.compile, torch.export, jit.trace; one module): fresh buffers, no cache
-    and torch._int_mm, ops every compiler knows (oneDNN's packed weight and per-thread state are not)."""
+def _correction(modules: Tuple["QuantizedLinear", ...], cols: torch.Tensor, prepared: Optional[_Prepared]):
+    """The modules' correction rhs side by side for these outlier columns: the last call's where they are the same."""
+    key = tuple(cols.tolist()) if prepared is not None and cols.is_cpu else None
+    last = prepared.last if key is not None else None  # (read once: another thread may replace it)
+    if last is not None and last[0] == key:
+        return last[1]
+    rhs = [m._correction_rhs(cols) for m in modules]
+    rhs = rhs[0] if len(rhs) == 1 else torch.cat(rhs, 1)
+    if key is not None:
+        prepared.last = (key, rhs)
+    return rhs
+
+
+def _linears(modules: Tuple[QuantizedLinear, ...], x: torch.Tensor,
+             prepared: Optional[_Prepared]) -> Tuple[torch.Tensor, ...]:
+    """Each module's x W^T + b, as one int8 GEMM on their weights side by side (prepared.packed), or on
+    torch._int_mm (one module) where oneDNN's does not run it.
+    While a graph is recorded (torch.compile, torch.export, jit.trace; prepared is None, one module): fresh
+    buffers, no cache and torch._int_mm, ops every compiler knows (oneDNN's packed weight and per-thread
+    state are not)."""
     outliers = min(OUTLIER_COLUMNS, x.shape[-1])
-    xq, x_scale, lhs, cols = _quantize_input(x, outliers) if recording else _quantized_input(x, outliers)
+    xq, x_scale, lhs, cols = _quantize_input(x, outliers) if prepared is None else _quantized_input(x, outliers)
+    packed = None if prepared is None else prepared.packed
     if packed is None:
         y = modules[0]._int8_matmul(xq)
     else:  # oneDNN's u8 x s8 linear (AMX/VNNI), s_w applied inside
@@ -199,8 +221,7 @@ def _linears(modules: Tuple[QuantizedLinear, ...], x: torch.Tensor, recording: b
     # x ~= (xq - zero) s_x + outliers and W ~= W_q s_w, so x W^T + b ~= s_x s_w (xq W_q^T - zero rowsum(W_q))
     # + outliers W[:, cols]^T + b: the zero-point, outlier and bias terms are one thin GEMM added in place,
     # lhs = [zero s_x, outlier values, 1] (M, 2 + k) and rhs = [-s_w rowsum(W_q); W[:, cols]^T; b].
-    rhs = [m._correction_rhs(cols, cache=not recording) for m in modules]
-    y.addmm_(lhs, rhs[0] if len(rhs) == 1 else torch.cat(rhs, 1))
+    y.addmm_(lhs, _correction(modules, cols, prepared))
     y = y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
     return (y,) if len(modules) == 1 else y.split([m.out_features for m in modules], -1)
 
