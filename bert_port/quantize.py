@@ -26,9 +26,10 @@ quantize after loading: the copy's `save_pretrained` raises (from_pretrained wou
 buffers as missing fp32 weights).
 
 Speed: made for batches (BERT-base 8x128: ~2x the fp32 model). At batch 1 the eager ops around each
-int8 GEMM dominate: 1x128 runs ~1.4x the fp32 model under `inference.prepack`, 1x32 only level with it,
-and ONNX Runtime's int8 is faster there: ~1.35x at 1x128 and ~2x at 1x32 on a Xeon without AMX, 3-4x
-on one with AMX (bench/bench_inference.py case int8, bench/README.md).
+int8 GEMM dominate: 1x128 runs ~1.4x the fp32 model under `inference.prepack`, 1x32 ~1.2x, and ONNX
+Runtime's int8 is faster there: ~1.25x at 1x128 and ~1.7x at 1x32 on a Xeon without AMX (3-4x on one
+with AMX, measured before the changes that brought 1x32 from level with `prepack` to 1.2x)
+(bench/bench_inference.py case int8, bench/README.md).
 
 Memory: besides the int8 weights (oneDNN's packed copy of them, and each linear's last correction terms:
 4 x out_features floats, 1.3 MB for BERT-base), each thread that runs a quantized model keeps three work
