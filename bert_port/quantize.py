@@ -190,7 +190,8 @@ def _pack(modules: Tuple["QuantizedLinear", ...]) -> Optional[Tuple[torch.Tensor
         return None
 
 
-def _correction(modules: Tuple["QuantizedLinear", ...], cols: torch.Tensor, prepared: Optional[_Prepared]):
+def _correction(modules: Tuple["QuantizedLinear", ...], cols: torch.Tensor,
+                prepared: Optional[_Prepared]) -> torch.Tensor:
     """The modules' correction rhs side by side for these outlier columns: the last call's where they are the same."""
     key = tuple(cols.tolist()) if prepared is not None and cols.is_cpu else None
     last = prepared.last if key is not None else None  # (read once: another thread may replace it)
